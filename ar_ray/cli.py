@@ -1,0 +1,156 @@
+"""The `ar-ray` command line: parse, run, and turn user mistakes into one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from ar_ray.config import RunConfig, load_config
+from ar_ray.data import DatasetSplits, load_dataset
+from ar_ray.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", type=Path, help="VIPriors/ImageFolder root (default: built-in Fashion-MNIST)"
+    )
+    parser.add_argument(
+        "--skip-bad-images", action="store_true", help="skip and list unreadable images"
+    )
+    parser.add_argument(
+        "--limit-per-class", type=int, metavar="N", help="use at most N images per class"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ar-ray", description="Attract-and-Repulse learning from scratch, on Ray."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="one training run on this machine, no cluster")
+    train.add_argument("--config", type=Path, help="run config YAML (default: built-in)")
+    train.add_argument(
+        "--rank", type=int, default=1, help="which config of a ranked list (best_configs.yaml)"
+    )
+    _add_data_arguments(train)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--out", type=Path, help="output folder (default: runs/train-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    train.set_defaults(handler=_train)
+
+    tune = commands.add_parser("tune", help="search loss weights and augmentation on Ray Tune")
+    tune.add_argument("--space", type=Path, required=True, help="search space YAML")
+    tune.add_argument("--trials", type=int, default=16)
+    tune.add_argument("--epochs", type=int, help="epochs per trial (default: the space's)")
+    _add_data_arguments(tune)
+    _add_cluster_arguments(tune)
+    tune.add_argument("--gpus-per-trial", type=float)
+    tune.add_argument("--cpus-per-trial", type=float)
+    tune.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
+    tune.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop")
+    tune.add_argument("--max-failures", type=int, default=2, help="retries per failed trial")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    tune.add_argument("--overwrite", action="store_true", help="replace the experiment --name")
+    tune.set_defaults(handler=_tune)
+    return parser
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--storage", default="runs", help="root for all outputs: a folder, s3:// or gs://"
+    )
+    parser.add_argument("--name", default="ar", help="experiment name under --storage")
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name}={value} must be >= 1")
+
+
+def load_splits(args: argparse.Namespace, image_size: int) -> DatasetSplits:
+    if args.limit_per_class is not None and args.limit_per_class < 1:
+        raise UserError(f"--limit-per-class={args.limit_per_class} must be >= 1")
+    splits = load_dataset(args.data, image_size, skip_bad_images=args.skip_bad_images)
+    for path in splits.skipped:
+        print(f"skipped unreadable image: {path}", file=sys.stderr)
+    return splits.limit_per_class(args.limit_per_class)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ar_ray.train import run_training
+
+    config = load_config(args.config, args.rank) if args.config else RunConfig()
+    overrides = {"epochs": args.epochs, "seed": args.seed}
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    splits = load_splits(args, config.image_size)
+    out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    print(
+        f"training {config.arch} for {config.epochs} epochs on {len(splits.train)} images "
+        f"({splits.num_classes} classes); outputs in {out}",
+        flush=True,
+    )
+    summary = run_training(config, splits, out, resume=args.resume, overwrite=args.overwrite)
+    if summary.test is not None:
+        print(f"test top-1 {100 * summary.test['top1']:.2f}% ({summary.test['tta']})")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from ar_ray.cluster import connect
+    from ar_ray.search_space import load_search_space
+    from ar_ray.tune import TuneRequest, base_config, experiment_dir, print_leaderboard, run_tune
+
+    for flag in ("trials", "epochs", "max_concurrent", "grace_period", "limit_per_class"):
+        _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    space = load_search_space(args.space)
+    request = TuneRequest(
+        space=str(args.space),
+        trials=args.trials,
+        epochs=args.epochs,
+        data=None if args.data is None else str(args.data),
+        limit_per_class=args.limit_per_class,
+        storage=args.storage,
+        name=args.name,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        max_concurrent=args.max_concurrent,
+        grace_period=args.grace_period,
+        max_failures=args.max_failures,
+        seed=args.seed,
+    )
+    splits = load_splits(args, base_config(request, space).image_size)
+    connect(args.address)
+    board = run_tune(request, space, splits, resume=args.resume, overwrite=args.overwrite)
+    print_leaderboard(board, space)
+    print(f"leaderboard: {experiment_dir(request)}/leaderboard.csv")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ar-ray: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("ar-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Aggressive training augmentation from hyperparameters, and centre / TenCrop evaluation.
+
+Training transforms run per image on uint8 tensors (cheap, any worker can do them);
+Mixup/CutMix run per batch on floats. Evaluation works on whole uint8 batches so TenCrop is
+one forward of 10B images, never ten forwards of B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from ar_ray.config import RunConfig
+
+EVAL_CROP_RATIO = 0.875  # the ImageNet convention: resize to size/0.875, then crop size
+
+
+def build_train_transform(config: RunConfig) -> v2.Compose:
+    """The per-image pipeline; `magnitude`/`num_ops` shape RandAugment, the others are fixed."""
+    steps: list[nn.Module] = [
+        v2.RandomResizedCrop(config.image_size, scale=(config.rrc_scale_min, 1.0), antialias=True)
+    ]
+    if config.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    policy = {
+        "none": None,
+        "randaugment": lambda: v2.RandAugment(num_ops=config.num_ops, magnitude=config.magnitude),
+        "trivialaugment": v2.TrivialAugmentWide,
+        "autoaugment": v2.AutoAugment,
+    }[config.policy]
+    if policy is not None:
+        steps.append(policy())
+    if config.erasing_p > 0:
+        steps.append(v2.RandomErasing(p=config.erasing_p))
+    return v2.Compose(steps)
+
+
+class AugmentedViews(Dataset):
+    """In-memory uint8 images served as `views` independent augmentations of each image.
+
+    Two views feed contrastive regularisation; with CR off one view saves half the compute.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable, views: int) -> None:
+        self.images, self.labels, self.transform, self.views = images, labels, transform, views
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        return torch.stack([self.transform(image) for _ in range(self.views)]), self.labels[index]
+
+
+BatchMixer = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def build_batch_mixer(config: RunConfig, num_classes: int) -> BatchMixer:
+    """Mixup/CutMix over [B, V, C, H, W] float batches; returns soft targets [B, K].
+
+    The views of one image are stacked on the channel axis before mixing so they share the
+    same partner, lambda and box: the contrastive twins stay twins after mixing.
+    """
+    choices: list[nn.Module] = []
+    if config.mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes))
+    if config.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes))
+    mixer = v2.RandomChoice(choices) if choices else None
+
+    def mix(views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if mixer is None or torch.rand(()).item() >= config.mix_prob:
+            return views, F.one_hot(labels, num_classes).float()
+        batch, count, channels, height, width = views.shape
+        mixed, targets = mixer(views.reshape(batch, count * channels, height, width), labels)
+        return mixed.reshape(batch, count, channels, height, width), targets
+
+    return mix
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [0, 1]; the model normalises with its own train statistics."""
+    return images.float().div_(255.0)
+
+
+def eval_resize_size(image_size: int) -> int:
+    return round(image_size / EVAL_CROP_RATIO)
+
+
+def center_crop_batch(images: Tensor, image_size: int) -> Tensor:
+    resized = v2.functional.resize(images, [eval_resize_size(image_size)] * 2, antialias=True)
+    return v2.functional.center_crop(resized, [image_size, image_size])
+
+
+def ten_crop_batch(images: Tensor, image_size: int) -> Tensor:
+    """[B, C, H, W] -> [10 * B, C, S, S], crop-major: 4 corners + centre, then their flips."""
+    resized = v2.functional.resize(images, [eval_resize_size(image_size)] * 2, antialias=True)
+    return torch.cat(v2.functional.ten_crop(resized, [image_size, image_size]))
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, images: Tensor, image_size: int, tta: str) -> Tensor:
+    """Softmax probabilities [B, K] for uint8 images, by centre crop or TenCrop (averaged)."""
+    device = next(model.parameters()).device
+    if tta == "center":
+        crops = center_crop_batch(images, image_size)
+    elif tta == "tencrop":
+        crops = ten_crop_batch(images, image_size)
+    else:
+        raise ValueError(f"unknown tta {tta!r}")
+    probabilities = torch.softmax(model(to_unit_float(crops.to(device))).float(), dim=1)
+    return probabilities.view(-1, len(images), probabilities.shape[1]).mean(dim=0)

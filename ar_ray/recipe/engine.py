@@ -1,0 +1,295 @@
+"""`fit`: one Attract-and-Repulse training run, resumable to the exact weights.
+
+The engine knows nothing of Ray. It reports each epoch through `on_epoch(metrics, state)`,
+and it joins data-parallel training when a caller (Ray Train) has already initialised
+`torch.distributed`: the same function serves `ar-ray train`, a Tune trial and a DDP member.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from ar_ray.config import RunConfig
+from ar_ray.data import DatasetSplits, ImageSplit
+from ar_ray.recipe.augment import (
+    AugmentedViews,
+    build_batch_mixer,
+    build_train_transform,
+    predict_probabilities,
+    to_unit_float,
+)
+from ar_ray.recipe.checkpoint import CheckpointError, load_weights
+from ar_ray.recipe.losses import contrastive_regularization, soft_cross_entropy
+from ar_ray.recipe.losses import symmetric_cross_entropy as sce
+from ar_ray.recipe.models import ARNet
+from ar_ray.recipe.teacher import EmaTeacher, rampup, soft_pseudo_labels
+
+EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
+EVAL_BATCH = 256
+
+
+@dataclass
+class FitResult:
+    model: ARNet  # the model to serve: the teacher when Mean Teacher ran
+    state: dict[str, Any]  # the final checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    pixels = images.float().div_(255.0).transpose(0, 1).reshape(3, -1)
+    return pixels.mean(dim=1), pixels.std(dim=1)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero over the remaining steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.momentum > 0,
+    )
+
+
+def _seed_epoch(config: RunConfig, epoch: int, rank: int) -> torch.Generator:
+    """Reseed every RNG the epoch uses from (seed, epoch, rank).
+
+    An epoch is then a pure function of the weights and optimiser state it starts from, so
+    a resumed run reproduces the uninterrupted one without carrying RNG states around.
+    """
+    seed = (config.seed * 1_000_003 + epoch * 7_919 + rank) % (2**63)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _train_loader(
+    config: RunConfig, split: ImageSplit, epoch: int, rank: int, world: int
+) -> DataLoader:
+    views = 2 if config.cr_weight > 0 else 1
+    dataset = AugmentedViews(split.images, split.labels, build_train_transform(config), views)
+    generator = _seed_epoch(config, epoch, rank)
+    batch = max(2, min(config.batch_size // world, len(split) // world))
+    if world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=config.seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=True,  # a batch of one breaks BatchNorm and the contrastive loss
+        num_workers=config.loader_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: ImageSplit, image_size: int, tta: str) -> dict[str, float]:
+    """Top-1 and NLL; under DDP each rank scores a shard and the sums are all-reduced."""
+    rank, world = _world()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, count
+    for start in range(rank * EVAL_BATCH, len(split), EVAL_BATCH * world):
+        images = split.images[start : start + EVAL_BATCH]
+        labels = split.labels[start : start + EVAL_BATCH].to(device)
+        probs = predict_probabilities(model, images, image_size, tta)
+        totals[0] += (probs.argmax(dim=1) == labels).sum()
+        totals[1] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+        totals[2] += len(labels)
+    if world > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    correct, nll, count = totals.tolist()
+    return {"top1": correct / max(count, 1), "nll": nll / max(count, 1)}
+
+
+class _Run:
+    """The mutable state of one fit: model, teacher, optimiser, schedule and history."""
+
+    def __init__(self, config: RunConfig, splits: DatasetSplits, device: torch.device) -> None:
+        self.config, self.splits, self.device = config, splits, device
+        self.rank, self.world = _world()
+        torch.manual_seed(config.seed)
+        self.model = ARNet(config, splits.num_classes)
+        self.model.set_normalization(*channel_stats(splits.train.images))
+        self.model.to(device)
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        device_ids = [device] if device.type == "cuda" else None
+        self.trained: nn.Module = (
+            DistributedDataParallel(self.model, device_ids=device_ids)
+            if self.world > 1
+            else self.model
+        )
+        self.optimizer = _optimizer(config, self.model)
+        self.steps_per_epoch = len(_train_loader(config, splits.train, 0, self.rank, self.world))
+        warmup = round(config.warmup_epochs * self.steps_per_epoch)
+        total = config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, total)
+        )
+        self.mix = build_batch_mixer(config, splits.num_classes)
+        self.teacher: EmaTeacher | None = None
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "config": self.config.to_dict(),
+            "classes": list(self.splits.classes),
+            "num_classes": self.splits.num_classes,
+            "model": self.model.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": list(self.history),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        theirs = state["config"].get("arch")
+        if theirs != self.config.arch:
+            raise CheckpointError(
+                f"checkpoint was trained with arch={theirs!r}, not {self.config.arch!r}"
+            )
+        load_weights(self.model, state["model"], "checkpoint")
+        if state.get("teacher"):
+            self.teacher = EmaTeacher(self.model, self.config.mt_decay)
+            self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+
+    @property
+    def serving_model(self) -> ARNet:
+        return self.teacher.module if self.teacher else self.model
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loss(self, views: Tensor, labels: Tensor, progress: float) -> Tensor:
+        config = self.config
+        views, targets = self.mix(to_unit_float(views.to(self.device, non_blocking=True)), labels)
+        batch, count = views.shape[:2]
+        images = views.transpose(0, 1).reshape(batch * count, *views.shape[2:])  # view-major
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.repeat(count, 1)
+        with self._autocast():
+            if config.cr_weight > 0:
+                logits, projections = self.trained(images, with_projection=True)
+            else:
+                logits = self.trained(images)
+            logits = logits.float()
+            loss = sce(logits, targets, config.sce_alpha, config.sce_beta, config.sce_log_zero)
+            if config.cr_weight > 0:
+                first, second = projections.float().chunk(2)
+                loss = loss + config.cr_weight * contrastive_regularization(
+                    first, second, config.cr_temperature, config.cr_variant,
+                    targets[:batch].argmax(dim=1),
+                )
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher.module(images).float()
+                pseudo = soft_pseudo_labels(
+                    teacher_logits, targets, config.mt_temperature, config.mt_mix
+                )
+                weight = config.mt_weight * rampup(progress, config.mt_rampup_epochs)
+                loss = loss + weight * soft_cross_entropy(logits, pseudo)
+        return loss
+
+    def train_epoch(self) -> float:
+        config = self.config
+        if config.mean_teacher and self.teacher is None and self.epoch >= config.mt_start_epoch:
+            self.teacher = EmaTeacher(self.model, config.mt_decay)  # stage two starts here
+        loader = _train_loader(config, self.splits.train, self.epoch, self.rank, self.world)
+        self.trained.train()
+        total, batches = 0.0, 0
+        for index, (views, labels) in enumerate(loader):
+            progress = self.epoch - config.mt_start_epoch + index / len(loader)
+            loss = self._loss(views, labels.to(self.device), progress)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.teacher is not None:
+                self.teacher.update(self.model)
+            total += loss.item()
+            batches += 1
+        return total / max(batches, 1)
+
+
+def fit(
+    config: RunConfig,
+    splits: DatasetSplits,
+    *,
+    on_epoch: EpochCallback | None = None,
+    resume_from: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train `config` on `splits`, evaluating on val every epoch (centre crop).
+
+    `on_epoch(metrics, state)` runs after each epoch on every rank; `state` is the full
+    checkpoint dict and references live tensors, so persist it before returning.
+    `resume_from` is such a dict: training continues after its epoch.
+    """
+    run = _Run(config, splits, device or default_device())
+    if resume_from is not None:
+        run.restore(resume_from)
+    while run.epoch < config.epochs:
+        started = time.perf_counter()
+        train_loss = run.train_epoch()
+        run.epoch += 1
+        scores = evaluate(run.serving_model, splits.val, config.image_size, "center")
+        metrics = {
+            "epoch": run.epoch,
+            "train_loss": train_loss,
+            "val_top1": scores["top1"],
+            "val_nll": scores["nll"],
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        run.history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, run.state())
+    return FitResult(model=run.serving_model.eval(), state=run.state(), history=run.history)

@@ -1,0 +1,32 @@
+"""Shared fixtures: the built-in data, small subsets of it, and one Ray for the session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def builtin_splits():
+    from ar_ray.data import load_dataset
+
+    return load_dataset(None, 28)
+
+
+@pytest.fixture(scope="session")
+def small_splits(builtin_splits):
+    """10 images per class in every split: seconds per epoch on 2 CPUs."""
+    return builtin_splits.limit_per_class(10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray with 2 CPUs, shared by every test that needs one."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,48 @@
+"""Small real image folders and a way to run the CLI as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image(path: Path, size: tuple[int, int] = (40, 32), seed: int = 0, mode="RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> Path:
+    """A VIPriors layout with train/val/test class folders of small random JPEGs and PNGs."""
+    for split in ("train", "val", "test"):
+        for index, name in enumerate(classes):
+            for i in range(per_class):
+                suffix = ".jpg" if i % 2 == 0 else ".png"
+                write_image(root / split / name / f"{i}{suffix}", seed=100 * index + i)
+    return root
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ar_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, culprit: str) -> None:
+    """Exit 2, one line on stderr naming the culprit, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in lines if line.startswith("ar-ray: error:")]
+    assert len(errors) == 1 and culprit in errors[0], result.stderr

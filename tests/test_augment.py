@@ -1,0 +1,93 @@
+"""Training transforms, batch mixing and TenCrop evaluation."""
+
+import torch
+from torch import nn
+
+from ar_ray.config import RunConfig
+from ar_ray.recipe.augment import (
+    AugmentedViews,
+    build_batch_mixer,
+    build_train_transform,
+    predict_probabilities,
+    ten_crop_batch,
+)
+
+
+class MeanColourNet(nn.Module):
+    """Logits from each image's mean colour: blind to where a crop was taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+class PositionNet(nn.Module):
+    """Logits that depend on the pixels, so different crops give different answers."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.linear = nn.Linear(3 * size * size, 4)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def test_ten_crop_gives_ten_crops_per_image_as_one_batch():
+    images = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8)
+    crops = ten_crop_batch(images, 28)
+    assert crops.shape == (30, 3, 28, 28)
+    # crop-major: the 5th crop (centre) of image 1 and its flip (10th) are mirror images
+    assert torch.equal(crops[4 * 3 + 1].flip(-1), crops[9 * 3 + 1])
+
+
+def test_tencrop_on_constant_image_equals_centre_prediction():
+    torch.manual_seed(0)
+    images = torch.full((2, 3, 28, 28), 120, dtype=torch.uint8)
+    images[1] = 30
+    model = PositionNet(24)
+    tencrop = predict_probabilities(model, images, 24, "tencrop")
+    centre = predict_probabilities(model, images, 24, "center")
+    assert tencrop.shape == (2, 4)
+    assert torch.allclose(tencrop, centre, atol=1e-6)
+    assert torch.allclose(tencrop.sum(1), torch.ones(2))
+
+
+def test_tencrop_averages_the_ten_crops():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    model = PositionNet(24)
+    crops = ten_crop_batch(images, 24).float() / 255
+    expected = torch.softmax(model(crops), 1).view(10, 2, 4).mean(0)
+    assert torch.allclose(predict_probabilities(model, images, 24, "tencrop"), expected, atol=1e-6)
+    assert not torch.allclose(expected, predict_probabilities(model, images, 24, "center"))
+    assert predict_probabilities(MeanColourNet(), images, 24, "tencrop").shape == (2, 4)
+
+
+def test_train_transform_and_two_views():
+    config = RunConfig(image_size=24, policy="randaugment", erasing_p=1.0)
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    dataset = AugmentedViews(images, torch.arange(4), build_train_transform(config), views=2)
+    views, label = dataset[1]
+    assert views.shape == (2, 3, 24, 24) and views.dtype == torch.uint8 and label == 1
+    assert not torch.equal(views[0], views[1])
+
+
+def test_mixer_shares_partner_and_lambda_across_views():
+    torch.manual_seed(0)
+    config = RunConfig(mixup_alpha=1.0)
+    mix = build_batch_mixer(config, num_classes=3)
+    views = torch.rand(6, 1, 3, 8, 8).repeat(1, 2, 1, 1, 1)  # identical twins
+    mixed, targets = mix(views, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert torch.allclose(mixed[:, 0], mixed[:, 1])
+    assert targets.shape == (6, 3) and torch.allclose(targets.sum(1), torch.ones(6))
+    assert not torch.allclose(mixed, views)
+
+
+def test_mixer_off_returns_one_hot():
+    mix = build_batch_mixer(RunConfig(), num_classes=3)
+    views = torch.rand(2, 1, 3, 8, 8)
+    same, targets = mix(views, torch.tensor([2, 0]))
+    assert same is views and targets.tolist() == [[0, 0, 1], [1, 0, 0]]

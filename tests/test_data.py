@@ -1,0 +1,235 @@
+"""Data loading: the bundled few-shot split, the folder layout, and every user-facing error."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ar_ray.data import DataError, ImageSplit, load_builtin, load_dataset, load_folder
+from ar_ray.data.builtin import BUILTIN_PATH
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_builtin()
+
+
+def _save(path: Path, size: tuple[int, int] = (20, 30), mode: str = "RGB", fmt: str = "JPEG"):
+    """A real encoded image of noise, so every decoder has genuine content to chew on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(path.name) + size[0])
+    pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    image.save(path, format=fmt)
+    return path
+
+
+def _jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _tree(root: Path, classes=("cat", "dog"), per_class: int = 2, splits=("train", "val")):
+    for split in splits:
+        for name in classes:
+            for i in range(per_class):
+                _save(root / split / name / f"{i}.jpg", size=(20 + 7 * i, 30))
+    return root
+
+
+# ---------------------------------------------------------------- built-in
+
+
+def test_builtin_shapes_and_classes(builtin):
+    assert builtin.num_classes == 10
+    assert builtin.classes[0] == "T-shirt/top" and builtin.classes[-1] == "Ankle boot"
+    for split, count in ((builtin.train, 500), (builtin.val, 500), (builtin.test, 10000)):
+        assert split.images.shape == (count, 3, 28, 28)
+        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+        assert len(split) == len(split.ids) == count
+        assert torch.equal(split.images[:, 0], split.images[:, 2])  # grey -> 3 equal channels
+    assert builtin.train.labels.bincount().tolist() == [50] * 10
+    assert builtin.val.labels.bincount().tolist() == [50] * 10
+    assert builtin.test.ids[42] == "builtin-test-00042"
+    assert builtin.skipped == []
+
+
+def test_builtin_train_and_val_are_disjoint():
+    with np.load(BUILTIN_PATH) as data:
+        train, val = data["train_source_indices"], data["val_source_indices"]
+    assert len(set(train.tolist())) == 500 and len(set(val.tolist())) == 500
+    assert not set(train.tolist()) & set(val.tolist())
+
+
+def test_builtin_resize():
+    splits = load_dataset(None, image_size=36)
+    assert splits.train.images.shape == (500, 3, 36, 36)
+    assert splits.test.images.shape == (10000, 3, 36, 36)
+    assert splits.train.images.dtype == torch.uint8
+
+
+def test_limit_per_class(builtin):
+    small = builtin.limit_per_class(3, seed=1)
+    assert small.train.labels.bincount().tolist() == [3] * 10
+    assert len(small.val) == 30 and len(small.test) == 30
+    assert small.train.ids == builtin.limit_per_class(3, seed=1).train.ids  # seeded
+    assert small.train.ids != builtin.limit_per_class(3, seed=2).train.ids
+    assert small.train.ids == sorted(small.train.ids)  # original order kept
+    assert builtin.limit_per_class(None) is builtin
+
+
+def test_limit_per_class_unlabelled_keeps_n_times_classes():
+    images = torch.zeros(10, 3, 2, 2, dtype=torch.uint8)
+    split = ImageSplit(images, None, [str(i) for i in range(10)])
+    assert len(split.limit_per_class(2, num_classes=3)) == 6
+    with pytest.raises(ValueError):
+        split.limit_per_class(0)
+
+
+# ---------------------------------------------------------------- folder layout
+
+
+def test_folder_mixed_images(tmp_path):
+    root = _tree(tmp_path)
+    _save(root / "train" / "cat" / "grey.png", size=(50, 10), mode="L", fmt="PNG")
+    _save(root / "train" / "dog" / "alpha.PNG", size=(12, 40), mode="RGBA", fmt="PNG")
+    _save(root / "train" / "dog" / "palette.gif", mode="P", fmt="GIF")
+    _save(root / "val" / "dog" / "really_png.jpg", fmt="PNG")  # PIL sniffs the content
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1\2")
+    (root / "train" / "dog" / "._0.jpg").write_bytes(b"macOS resource fork")
+
+    splits = load_folder(root, SIZE)
+    assert splits.classes == ["cat", "dog"] and splits.test is None
+    assert splits.train.images.shape == (7, 3, SIZE, SIZE)
+    assert splits.train.images.dtype == torch.uint8
+    assert splits.train.ids == [
+        "cat/0.jpg", "cat/1.jpg", "cat/grey.png", "dog/0.jpg", "dog/1.jpg", "dog/alpha.PNG",
+        "dog/palette.gif",
+    ]  # fmt: skip
+    assert splits.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert splits.val.labels.tolist() == [0, 0, 1, 1, 1]
+    assert "dog/really_png.jpg" in splits.val.ids
+
+
+def test_resize_shorter_side_then_centre_crop(tmp_path):
+    root = _tree(tmp_path)
+    wide = Image.new("RGB", (300, 100), (0, 0, 255))
+    wide.paste((255, 0, 0), (100, 0, 200, 100))  # only the red middle square survives the crop
+    wide.save(root / "train" / "cat" / "wide.png")
+    splits = load_folder(root, SIZE)
+    image = splits.train.images[splits.train.ids.index("cat/wide.png")]
+    inner = image[:, :, 2:-2]  # bicubic lets the blue bleed into the outermost columns only
+    assert inner[0].min() > 200 and inner[2].max() < 50
+
+
+def test_flat_and_labelled_test(tmp_path):
+    flat = _tree(tmp_path / "flat")
+    for name in ("b.jpg", "a.png"):
+        _save(flat / "test" / name)
+    test = load_folder(flat, SIZE).test
+    assert test.labels is None and test.ids == ["a.png", "b.jpg"]
+    assert test.images.shape == (2, 3, SIZE, SIZE)
+
+    labelled = _tree(tmp_path / "labelled", splits=("train", "val", "test"))
+    test = load_dataset(str(labelled), SIZE).test
+    assert test.labels.tolist() == [0, 0, 1, 1] and test.ids[0] == "cat/0.jpg"
+
+
+def test_folder_limit_per_class_flat_test(tmp_path):
+    root = _tree(tmp_path, per_class=3)
+    for i in range(9):
+        _save(root / "test" / f"{i}.jpg")
+    small = load_folder(root, SIZE).limit_per_class(1)
+    assert len(small.train) == len(small.val) == 2 and len(small.test) == 2
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _error(root: Path, **kwargs) -> str:
+    with pytest.raises(DataError) as caught:
+        load_folder(root, SIZE, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_root_missing_or_a_file(tmp_path):
+    assert str(tmp_path / "nope") in _error(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    assert str(tmp_path / "file") in _error(tmp_path / "file")
+
+
+def test_missing_split(tmp_path):
+    root = _tree(tmp_path, splits=("train",))
+    assert str(root / "val") in _error(root)
+
+
+def test_split_without_class_folders(tmp_path):
+    root = _tree(tmp_path, splits=("train",))
+    _save(root / "val" / "loose.jpg")  # images straight in val/, not in class folders
+    message = _error(root)
+    assert str(root / "val") in message and "no class folders" in message
+
+
+def test_empty_class_folder(tmp_path):
+    root = _tree(tmp_path)
+    (root / "train" / "bird").mkdir()
+    (root / "train" / "bird" / "readme.txt").write_text("no images here")
+    assert str(root / "train" / "bird") in _error(root)
+
+
+def test_class_only_in_val(tmp_path):
+    root = _tree(tmp_path)
+    _save(root / "val" / "bird" / "0.jpg")
+    message = _error(root)
+    assert "bird" in message and "train" in message
+
+
+def test_class_missing_from_val(tmp_path):
+    root = _tree(tmp_path)
+    _save(root / "train" / "bird" / "0.jpg")
+    message = _error(root)
+    assert "'bird'" in message and "missing from val" in message
+
+
+JPEG = _jpeg_bytes()
+BAD_FILES = {
+    "corrupt.jpg": np.random.default_rng(0).bytes(2000),
+    "empty.jpg": b"",
+    "truncated.jpg": JPEG[: len(JPEG) // 2],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_image_names_the_file(tmp_path, name):
+    root = _tree(tmp_path)
+    bad = root / "train" / "dog" / name
+    bad.write_bytes(BAD_FILES[name])
+    assert str(bad) in _error(root)
+
+
+def test_skip_bad_images(tmp_path):
+    root = _tree(tmp_path)
+    bad = [root / "train" / "dog" / name for name in sorted(BAD_FILES)]
+    for path in bad:
+        path.write_bytes(BAD_FILES[path.name])
+    splits = load_folder(root, SIZE, skip_bad_images=True)
+    assert splits.skipped == [str(path) for path in bad]
+    assert splits.train.ids == ["cat/0.jpg", "cat/1.jpg", "dog/0.jpg", "dog/1.jpg"]
+
+
+def test_class_emptied_by_skipping_is_still_an_error(tmp_path):
+    root = _tree(tmp_path, per_class=1)
+    (root / "val" / "dog" / "0.jpg").write_bytes(b"")
+    assert str(root / "val" / "dog") in _error(root, skip_bad_images=True)
