@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits, ImageSplit
 from ar_ray.recipe.augment import (
+    CROPS_PER_IMAGE,
     AugmentedViews,
     build_batch_mixer,
     build_train_transform,
@@ -37,7 +38,7 @@ from ar_ray.recipe.models import ARNet
 from ar_ray.recipe.teacher import EmaTeacher, rampup, soft_pseudo_labels
 
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
-EVAL_BATCH = 256
+EVAL_CROPS = 640  # crops per forward when evaluating: TenCrop batches 64 images
 
 
 @dataclass
@@ -125,9 +126,10 @@ def evaluate(model: nn.Module, split: ImageSplit, image_size: int, tta: str) -> 
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, count
-    for start in range(rank * EVAL_BATCH, len(split), EVAL_BATCH * world):
-        images = split.images[start : start + EVAL_BATCH]
-        labels = split.labels[start : start + EVAL_BATCH].to(device)
+    batch = EVAL_CROPS // CROPS_PER_IMAGE[tta]
+    for start in range(rank * batch, len(split), batch * world):
+        images = split.images[start : start + batch]
+        labels = split.labels[start : start + batch].to(device)
         probs = predict_probabilities(model, images, image_size, tta)
         totals[0] += (probs.argmax(dim=1) == labels).sum()
         totals[1] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")

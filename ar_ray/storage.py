@@ -1,0 +1,88 @@
+"""One storage root for every output: a local folder, or a URI (s3://, gs://) Ray can use.
+
+Multi-node Ray needs shared storage for checkpoints; ar-ray's own small files (leaderboard,
+configs, ensemble outputs) go to the same place so a run is one folder wherever it lives.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shutil
+from pathlib import Path
+
+import pyarrow.fs
+
+from ar_ray.errors import UserError
+from ar_ray.outputs import atomic_write_text
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def resolve(location: str | Path) -> str:
+    """Absolute local paths (Ray rejects relative ones) or URIs untouched."""
+    location = str(location)
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def join(location: str, *parts: str) -> str:
+    return posixpath.join(location, *parts) if is_uri(location) else str(Path(location, *parts))
+
+
+def _filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except (pyarrow.ArrowInvalid, OSError) as error:
+        raise UserError(f"{location}: storage not usable ({error})") from None
+
+
+def exists(location: str) -> bool:
+    if not is_uri(location):
+        return Path(location).exists()
+    fs, path = _filesystem(location)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def remove_tree(location: str) -> None:
+    if not is_uri(location):
+        shutil.rmtree(location)
+        return
+    fs, path = _filesystem(location)
+    fs.delete_dir(path)
+
+
+def write_text(location: str, text: str) -> None:
+    """Local: temp file + rename. Object stores publish an object only once it is complete."""
+    if not is_uri(location):
+        atomic_write_text(Path(location), text)
+        return
+    fs, path = _filesystem(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def read_text(location: str) -> str:
+    if not is_uri(location):
+        try:
+            return Path(location).read_text()
+        except OSError as error:
+            raise UserError(f"{location}: cannot read ({error.strerror})") from None
+    fs, path = _filesystem(location)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read().decode()
+    except OSError as error:
+        raise UserError(f"{location}: cannot read ({error})") from None
+
+
+def download_file(location: str, local: Path) -> Path:
+    """Bring one (checkpoint) file to this node; a local path is used where it is."""
+    if not is_uri(location):
+        return Path(location)
+    fs, path = _filesystem(location)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(path) as source, open(local, "wb") as target:
+        shutil.copyfileobj(source, target)
+    return local

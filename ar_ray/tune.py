@@ -1,0 +1,248 @@
+"""`ar-ray tune`: Optuna (TPE) proposes recipe hyperparameters, ASHA stops the weak early.
+
+Each trial is one `engine.fit` run reporting val top-1 every epoch with a checkpoint, so
+Tune can pause, retry or resume it. The decoded dataset goes into the object store once and
+every trial on a node reads that one copy.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from ar_ray import storage
+from ar_ray.cluster import cluster_gpus
+from ar_ray.config import RunConfig
+from ar_ray.data import DatasetSplits
+from ar_ray.errors import UserError
+from ar_ray.outputs import environment_info
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from ar_ray.recipe.engine import fit
+from ar_ray.search_space import SearchSpace
+
+METRIC, MODE = "val_top1", "max"
+TUNE_DIR = "tune"
+LEADERBOARD = "leaderboard.csv"
+BEST_CONFIGS = "best_configs.yaml"
+MAX_BEST_CONFIGS = 20
+
+
+@dataclass
+class TuneRequest:
+    """The resolved `ar-ray tune` command, recorded next to its results."""
+
+    space: str
+    trials: int = 16
+    epochs: int | None = None
+    data: str | None = None
+    limit_per_class: int | None = None
+    storage: str = "runs"
+    name: str = "ar"
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float | None = None
+    max_concurrent: int | None = None
+    grace_period: int = 1
+    reduction_factor: int = 3
+    max_failures: int = 2
+    seed: int = 0
+
+
+class EarlyStopAwareOptunaSearch(OptunaSearch):
+    """Tells Optuna that ASHA-stopped trials were PRUNED rather than COMPLETE.
+
+    Ray hands a stopped trial's last (early-epoch) score to Optuna as a finished result, so
+    TPE would rank a 1-epoch score against 8-epoch scores. Dropping the final value makes
+    Ray report PRUNED; TPE then orders pruned trials by their per-epoch values (which
+    OptunaSearch already reports), below every trial that ran to the end.
+    """
+
+    def __init__(self, *args: Any, full_epochs: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.full_epochs = full_epochs
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if result and not error and result.get("epoch", 0) < self.full_epochs:
+            result = {key: value for key, value in result.items() if key != self.metric}
+        super().on_trial_complete(trial_id, result, error)
+
+
+def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, Any]) -> None:
+    """One Tune trial: fit the sampled config, report and checkpoint every epoch."""
+    config = RunConfig.from_dict({**base, **params})
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    node = ray.get_runtime_context().get_node_id()
+
+    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
+            checkpoint = tune.Checkpoint.from_directory(folder)
+            tune.report({**metrics, "node": node}, checkpoint=checkpoint)
+
+    fit(config, splits, on_epoch=on_epoch, resume_from=state)
+
+
+def trial_resources(request: TuneRequest) -> dict[str, float]:
+    """One GPU per trial where the cluster has GPUs, else one CPU: never more than fits."""
+    gpus = request.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus() > 0 else 0.0
+    cpus = request.cpus_per_trial if request.cpus_per_trial is not None else 1.0
+    return {"cpu": cpus, "gpu": gpus}
+
+
+def experiment_dir(request: TuneRequest) -> str:
+    return storage.join(storage.resolve(request.storage), request.name, TUNE_DIR)
+
+
+def _trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest):
+    trainable = tune.with_parameters(run_trial, splits=splits, base=base.to_dict())
+    return tune.with_resources(trainable, trial_resources(request))
+
+
+def _build_tuner(
+    request: TuneRequest, space: SearchSpace, base: RunConfig, splits: DatasetSplits
+) -> tune.Tuner:
+    searcher = EarlyStopAwareOptunaSearch(
+        metric=METRIC,
+        mode=MODE,
+        sampler=optuna.samplers.TPESampler(seed=request.seed),
+        full_epochs=base.epochs,
+    )
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=base.epochs,
+        grace_period=min(request.grace_period, base.epochs),
+        reduction_factor=request.reduction_factor,
+    )
+    root = storage.join(storage.resolve(request.storage), request.name)
+    return tune.Tuner(
+        _trainable(splits, base, request),
+        param_space=space.to_tune(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=request.trials,
+            max_concurrent_trials=request.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=root,
+            failure_config=tune.FailureConfig(max_failures=request.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def base_config(request: TuneRequest, space: SearchSpace) -> RunConfig:
+    overrides = {"seed": request.seed}
+    if request.epochs is not None:
+        overrides["epochs"] = request.epochs
+    return space.base_config().replace(**overrides)
+
+
+def run_tune(
+    request: TuneRequest,
+    space: SearchSpace,
+    splits: DatasetSplits,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Run (or resume) the search and write leaderboard, best configs and the request."""
+    base = base_config(request, space)
+    path = experiment_dir(request)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise UserError(f"{path}: no tune experiment to resume")
+        tuner = tune.Tuner.restore(
+            path, trainable=_trainable(splits, base, request), resume_errored=True
+        )
+    else:
+        if storage.exists(path):
+            if not overwrite:
+                raise UserError(f"{path}: holds an experiment; pass --resume or --overwrite")
+            storage.remove_tree(path)
+        tuner = _build_tuner(request, space, base, splits)
+    record = {"request": asdict(request), "base_config": base.to_dict(), "env": environment_info()}
+    storage.write_text(storage.join(path, "request.yaml"), yaml.safe_dump(record, sort_keys=False))
+    grid = tuner.fit()
+    board = leaderboard(grid, space, base.epochs)
+    storage.write_text(storage.join(path, LEADERBOARD), board.to_csv(index=False))
+    storage.write_text(storage.join(path, BEST_CONFIGS), best_configs_yaml(board, space, base))
+    return board
+
+
+def _status(result: Any, epochs_run: int, full_epochs: int) -> str:
+    if result.error is not None:
+        return "ERROR"
+    return "COMPLETE" if epochs_run >= full_epochs else "STOPPED_EARLY"
+
+
+def leaderboard(grid: tune.ResultGrid, space: SearchSpace, full_epochs: int) -> pd.DataFrame:
+    """One row per trial, best validation top-1 first."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        epochs_run = int(metrics.get("epoch", 0))
+        row = {
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "status": _status(result, epochs_run, full_epochs),
+            "epochs": epochs_run,
+            "val_top1": metrics.get("val_top1", math.nan),
+            "val_nll": metrics.get("val_nll", math.nan),
+        }
+        row.update({key: result.config.get(key) for key in space.searched})
+        row["wall_seconds"] = metrics.get("time_total_s", math.nan)
+        row["node"] = metrics.get("node", "")
+        rows.append(row)
+    board = pd.DataFrame(rows).sort_values("val_top1", ascending=False, na_position="last")
+    board.insert(0, "rank", range(1, len(board) + 1))
+    return board.reset_index(drop=True)
+
+
+def best_configs_yaml(board: pd.DataFrame, space: SearchSpace, base: RunConfig) -> str:
+    """The ranked trials as complete run configs; `ar-ray train --config` takes any of them."""
+    chunks = []
+    ranked = board[board["status"] != "ERROR"].dropna(subset=["val_top1"])
+    for row in ranked.head(MAX_BEST_CONFIGS).itertuples(index=False):
+        row = row._asdict()
+        config = base.replace(**{key: _plain(row[key]) for key in space.searched})
+        header = (
+            f"# rank {row['rank']}: trial {row['trial_id']}, {row['status']} after "
+            f"{row['epochs']} epochs, val top-1 {row['val_top1']:.4f}\n"
+        )
+        chunks.append(header + yaml.safe_dump([config.to_dict()], sort_keys=False))
+    return "".join(chunks)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from pandas back to Python ones for YAML and the config types."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def print_leaderboard(board: pd.DataFrame, space: SearchSpace, rows: int = 10) -> None:
+    columns = ["rank", "trial_id", "status", "epochs", "val_top1", "val_nll"]
+    columns += list(space.searched)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(board[columns].head(rows).to_string(index=False, float_format="%.4g"))
+    sys.stdout.flush()
