@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from ar_ray.config import RunConfig, load_config
+from ar_ray.config import TTA_MODES, RunConfig, load_config
 from ar_ray.data import DatasetSplits, load_dataset
 from ar_ray.errors import UserError
 
@@ -63,6 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue the experiment --name")
     tune.add_argument("--overwrite", action="store_true", help="replace the experiment --name")
     tune.set_defaults(handler=_tune)
+
+    ensemble = commands.add_parser(
+        "ensemble", help="train diverse members from a tune run, fit weights, predict"
+    )
+    ensemble.add_argument("--from", dest="run", required=True, help="<storage>/<name> of a tune")
+    ensemble.add_argument("--members", type=int, default=3)
+    ensemble.add_argument("--archs", help="comma-separated backbones to spread members over")
+    ensemble.add_argument("--epochs", type=int, help="epochs per member (default: the tune's)")
+    ensemble.add_argument("--workers-per-member", type=int, default=1, help="DDP workers")
+    ensemble.add_argument("--tta", choices=TTA_MODES, default="tencrop")
+    ensemble.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    ensemble.add_argument("--seed", type=int, default=0)
+    ensemble.add_argument("--resume", action="store_true", help="reuse finished members")
+    ensemble.add_argument("--overwrite", action="store_true", help="replace members and outputs")
+    ensemble.set_defaults(handler=_ensemble)
+
+    predict = commands.add_parser("predict", help="label images with a saved ensemble")
+    predict.add_argument("--ensemble", required=True, help="<storage>/<name> of an ensemble")
+    predict.add_argument("--images", type=Path, nargs="+", required=True, help="files/folders")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    predict.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    predict.set_defaults(handler=_predict)
     return parser
 
 
@@ -135,6 +157,77 @@ def _tune(args: argparse.Namespace) -> int:
     board = run_tune(request, space, splits, resume=args.resume, overwrite=args.overwrite)
     print_leaderboard(board, space)
     print(f"leaderboard: {experiment_dir(request)}/leaderboard.csv")
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from ar_ray.cluster import cluster_gpus, connect
+    from ar_ray.data import load_dataset
+    from ar_ray.ensemble import EnsembleRequest, run_ensemble
+    from ar_ray.members import TrainOptions
+    from ar_ray.tune import load_tune_record
+
+    for flag in ("members", "epochs", "workers_per_member"):
+        _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    record = load_tune_record(args.run)
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
+    for arch in archs or []:
+        record.base.replace_checked("arch", arch, "--archs")
+    request = EnsembleRequest(
+        run=args.run,
+        members=args.members,
+        archs=archs,
+        epochs=args.epochs,
+        workers_per_member=args.workers_per_member,
+        tta=args.tta,
+        seed=args.seed,
+    )
+    tuned = record.request
+    splits = load_dataset(tuned["data"], record.base.image_size)
+    splits = splits.limit_per_class(tuned["limit_per_class"])
+    connect(args.address)
+    options = TrainOptions(
+        root=storage_root(args.run),
+        workers_per_member=args.workers_per_member,
+        use_gpu=cluster_gpus() > 0,
+    )
+    summary = run_ensemble(
+        request, record, splits, options, resume=args.resume, overwrite=args.overwrite
+    )
+    print_summary(summary)
+    return 0
+
+
+def storage_root(run: str) -> str:
+    from ar_ray.storage import resolve
+
+    return resolve(run)
+
+
+def print_summary(summary) -> None:
+    """The line users look for: the ensemble against its best member."""
+    metrics = summary.metrics
+    split = "test" if (metrics["split"] == "test").any() else "val"
+    rows = metrics[metrics["split"] == split]
+    best = rows[rows["kind"] == "member"].sort_values("top1", ascending=False).iloc[0]
+    final = rows[rows["name"] == "final"].iloc[0]
+    print(rows.to_string(index=False, float_format="%.4f"))
+    print(
+        f"{split} top-1: ensemble ({summary.chosen} weights) {100 * final.top1:.2f}% "
+        f"vs best member {best['name']} {100 * best.top1:.2f}%"
+    )
+    print(f"outputs: {summary.folder}")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ar_ray.cluster import connect
+    from ar_ray.outputs import atomic_write_csv
+    from ar_ray.predict import run_predict
+
+    connect(args.address)
+    frame = run_predict(args.ensemble, args.images)
+    atomic_write_csv(args.out, frame)
+    print(f"{len(frame)} predictions written to {args.out}")
     return 0
 
 

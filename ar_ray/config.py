@@ -25,7 +25,7 @@ class ConfigError(UserError):
 POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
 CR_VARIANTS = ("ntxent", "supcon")
 OPTIMIZERS = ("sgd", "adamw")
-TTA_MODES = ("center", "tencrop")
+TTA_MODES = ("none", "center", "tencrop")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.fs
 
 from ar_ray.errors import UserError
-from ar_ray.outputs import atomic_write_text
+from ar_ray.outputs import atomic_save, atomic_write_text
 
 
 def is_uri(location: str) -> bool:
@@ -61,6 +61,17 @@ def write_text(location: str, text: str) -> None:
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode())
+
+
+def upload_file(source: Path, location: str) -> None:
+    """Publish a local file (a checkpoint) at `location`, complete or not at all."""
+    if not is_uri(location):
+        atomic_save(Path(location), lambda tmp: shutil.copyfile(source, tmp))
+        return
+    fs, path = _filesystem(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with open(source, "rb") as local, fs.open_output_stream(path) as stream:
+        shutil.copyfileobj(local, stream)
 
 
 def read_text(location: str) -> str:

@@ -7,6 +7,7 @@ every trial on a node reads that one copy.
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ar_ray import storage
 from ar_ray.cluster import cluster_gpus
-from ar_ray.config import RunConfig
+from ar_ray.config import RunConfig, hyperparameter_types
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
 from ar_ray.outputs import environment_info
@@ -94,9 +95,9 @@ def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, 
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
             checkpoint = tune.Checkpoint.from_directory(folder)
-            tune.report({**metrics, "node": node}, checkpoint=checkpoint)
+            tune.report(metrics, checkpoint=checkpoint)
 
-    fit(config, splits, on_epoch=on_epoch, resume_from=state)
+    fit(config, splits, on_epoch=on_epoch, resume_from=state, epoch_labels={"node": node})
 
 
 def trial_resources(request: TuneRequest) -> dict[str, float]:
@@ -148,7 +149,7 @@ def _build_tuner(
             name=TUNE_DIR,
             storage_path=root,
             failure_config=tune.FailureConfig(max_failures=request.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
     )
 
@@ -220,19 +221,52 @@ def leaderboard(grid: tune.ResultGrid, space: SearchSpace, full_epochs: int) -> 
     return board.reset_index(drop=True)
 
 
+def finished_trials(board: pd.DataFrame) -> pd.DataFrame:
+    """Trials with a score, best first: the ones worth re-running as members."""
+    ranked = board[board["status"] != "ERROR"].dropna(subset=["val_top1"])
+    return ranked.reset_index(drop=True)
+
+
+def searched_columns(board: pd.DataFrame) -> list[str]:
+    return [column for column in board.columns if column in hyperparameter_types()]
+
+
+def config_for_row(base: RunConfig, row: dict[str, Any], searched: list[str]) -> RunConfig:
+    """A leaderboard row back to the complete run config its trial ran."""
+    return base.replace(**{key: _plain(row[key]) for key in searched})
+
+
 def best_configs_yaml(board: pd.DataFrame, space: SearchSpace, base: RunConfig) -> str:
     """The ranked trials as complete run configs; `ar-ray train --config` takes any of them."""
     chunks = []
-    ranked = board[board["status"] != "ERROR"].dropna(subset=["val_top1"])
-    for row in ranked.head(MAX_BEST_CONFIGS).itertuples(index=False):
-        row = row._asdict()
-        config = base.replace(**{key: _plain(row[key]) for key in space.searched})
+    for row in finished_trials(board).head(MAX_BEST_CONFIGS).to_dict("records"):
+        config = config_for_row(base, row, list(space.searched))
         header = (
             f"# rank {row['rank']}: trial {row['trial_id']}, {row['status']} after "
             f"{row['epochs']} epochs, val top-1 {row['val_top1']:.4f}\n"
         )
         chunks.append(header + yaml.safe_dump([config.to_dict()], sort_keys=False))
     return "".join(chunks)
+
+
+@dataclass
+class TuneRecord:
+    """What `ar-ray ensemble` needs from a finished tune run."""
+
+    request: dict[str, Any]
+    base: RunConfig
+    board: pd.DataFrame
+
+
+def load_tune_record(run: str) -> TuneRecord:
+    """Read `<run>/tune/` back; a missing or unfinished experiment is a one-line error."""
+    folder = storage.join(storage.resolve(run), TUNE_DIR)
+    if not storage.exists(storage.join(folder, LEADERBOARD)):
+        raise UserError(f"{folder}: no {LEADERBOARD}; run `ar-ray tune` first (or --resume it)")
+    record = yaml.safe_load(storage.read_text(storage.join(folder, "request.yaml")))
+    board = pd.read_csv(io.StringIO(storage.read_text(storage.join(folder, LEADERBOARD))))
+    base = RunConfig.from_dict(record["base_config"], source=f"{folder}/request.yaml")
+    return TuneRecord(request=record["request"], base=base, board=board)
 
 
 def _plain(value: Any) -> Any:

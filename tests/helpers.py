@@ -29,7 +29,9 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) ->
     return root
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ar_ray.cli", *args],
         capture_output=True,

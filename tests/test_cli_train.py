@@ -25,11 +25,20 @@ def test_train_writes_outputs_and_its_config_trains_again(tmp_path):
     assert metrics["val_top1"].between(0, 1).all() and (metrics["val_nll"] > 0).all()
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == 2 and isinstance(state["model"]["classifier.weight"], torch.Tensor)
-    assert torch.__version__.startswith(yaml.safe_load((out / "environment.yaml").read_text())["torch"])
+    assert torch.__version__.startswith(
+        yaml.safe_load((out / "environment.yaml").read_text())["torch"]
+    )
 
     again = run_cli(
-        "train", "--config", str(out / "config.yaml"), "--epochs", "1",
-        "--limit-per-class", "4", "--out", str(tmp_path / "again"),
+        "train",
+        "--config",
+        str(out / "config.yaml"),
+        "--epochs",
+        "1",
+        "--limit-per-class",
+        "4",
+        "--out",
+        str(tmp_path / "again"),
     )
     assert again.returncode == 0, again.stderr
 
@@ -80,8 +89,8 @@ def _data_is_a_file(root):
 
 
 @pytest.mark.parametrize(
-    "damage", [_corrupt, _zero_bytes, _empty_class, _class_only_in_val, _missing_train,
-               _data_is_a_file],
+    "damage",
+    [_corrupt, _zero_bytes, _empty_class, _class_only_in_val, _missing_train, _data_is_a_file],
 )
 def test_bad_layouts_fail_with_one_line_naming_the_culprit(tmp_path, damage):
     root = make_image_folder(tmp_path / "data")
@@ -98,8 +107,14 @@ def test_skip_bad_images_trains_and_lists_them(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("image_size: 24\nbatch_size: 4\nepochs: 1\n")
     result = run_cli(
-        "train", "--data", str(root), "--config", str(config), "--skip-bad-images",
-        "--out", str(tmp_path / "out"),
+        "train",
+        "--data",
+        str(root),
+        "--config",
+        str(config),
+        "--skip-bad-images",
+        "--out",
+        str(tmp_path / "out"),
     )
     assert result.returncode == 0, result.stderr
     assert f"skipped unreadable image: {bad}" in result.stderr

@@ -43,16 +43,32 @@ def test_quick_space_writes_leaderboard_and_trainable_best_configs(
     top = load_config(best)
     assert top.epochs == 2 and top.sce_alpha == pytest.approx(saved["sce_alpha"][0])
     trained = run_cli(
-        "train", "--config", str(best), "--rank", "2", "--epochs", "1",
-        "--limit-per-class", "4", "--out", str(tmp_path / "retrain"),
+        "train",
+        "--config",
+        str(best),
+        "--rank",
+        "2",
+        "--epochs",
+        "1",
+        "--limit-per-class",
+        "4",
+        "--out",
+        str(tmp_path / "retrain"),
     )
     assert trained.returncode == 0, trained.stderr
     request = (tmp_path / "t" / "tune" / "request.yaml").read_text()
     assert "quick.yaml" in request and "torch" in request
 
     again = run_cli(
-        "tune", "--space", str(QUICK), "--storage", str(tmp_path), "--name", "t",
-        "--address", ray.get_runtime_context().gcs_address,
+        "tune",
+        "--space",
+        str(QUICK),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "t",
+        "--address",
+        ray.get_runtime_context().gcs_address,
     )
     assert_user_error(again, str(tmp_path / "t" / "tune"))
 
@@ -82,9 +98,26 @@ def _terminated_trials(experiment: Path) -> set[str]:
 def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path):
     address = ray.get_runtime_context().gcs_address
     args = [
-        sys.executable, "-m", "ar_ray.cli", "tune", "--space", str(QUICK), "--trials", "4",
-        "--epochs", "2", "--limit-per-class", "10", "--storage", str(tmp_path),
-        "--name", "k", "--address", address, "--max-concurrent", "1",
+        sys.executable,
+        "-m",
+        "ar_ray.cli",
+        "tune",
+        "--space",
+        str(QUICK),
+        "--trials",
+        "4",
+        "--epochs",
+        "2",
+        "--limit-per-class",
+        "10",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "k",
+        "--address",
+        address,
+        "--max-concurrent",
+        "1",
     ]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save experiment state often
     driver = subprocess.Popen(

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ar_ray.data.builtin import load_builtin
-from ar_ray.data.folder import IMAGE_EXTENSIONS, load_folder
+from ar_ray.data.folder import IMAGE_EXTENSIONS, decode_image, load_folder
 from ar_ray.data.splits import DataError, DatasetSplits, ImageSplit
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "DatasetSplits",
+    "decode_image",
     "ImageSplit",
     "load_builtin",
     "load_dataset",

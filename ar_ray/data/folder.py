@@ -119,6 +119,15 @@ def _decode(path: Path, size: int) -> np.ndarray:
     return np.asarray(_resize_center_crop(rgb, size))  # HWC; made CHW once, for the whole split
 
 
+def decode_image(path: Path, size: int) -> torch.Tensor:
+    """One image file as uint8 CHW at `size`, decoded exactly as the training images were."""
+    try:
+        array = _decode(path, size)
+    except DECODE_ERRORS as error:
+        raise DataError(_bad_image_message(path, error)) from error
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
 def _bad_image_message(path: Path, error: Exception) -> str:
     if path.is_file() and path.stat().st_size == 0:
         return f"{path}: image file is empty (0 bytes)"

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from ar_ray.config import RunConfig
 
 EVAL_CROP_RATIO = 0.875  # the ImageNet convention: resize to size/0.875, then crop size
-CROPS_PER_IMAGE = {"center": 1, "tencrop": 10}
+CROPS_PER_IMAGE = {"none": 1, "center": 1, "tencrop": 10}
 
 
 def build_train_transform(config: RunConfig) -> v2.Compose:
@@ -106,11 +106,13 @@ def ten_crop_batch(images: Tensor, image_size: int) -> Tensor:
 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, images: Tensor, image_size: int, tta: str) -> Tensor:
-    """Softmax probabilities [B, K] for uint8 images, by centre crop or TenCrop (averaged)."""
+    """Softmax probabilities [B, K] for uint8 images: as stored, centre crop or TenCrop."""
     device = next(model.parameters()).device
     if tta not in CROPS_PER_IMAGE:
         raise ValueError(f"unknown tta {tta!r}")
-    crop = center_crop_batch if tta == "center" else ten_crop_batch
-    crops = crop(images, image_size)
+    if tta == "none":  # images are stored at image_size already
+        crops = images
+    else:
+        crops = (center_crop_batch if tta == "center" else ten_crop_batch)(images, image_size)
     probabilities = torch.softmax(model(to_unit_float(crops.to(device))).float(), dim=1)
     return probabilities.view(-1, len(images), probabilities.shape[1]).mean(dim=0)

@@ -227,7 +227,10 @@ class _Run:
             if config.cr_weight > 0:
                 first, second = projections.float().chunk(2)
                 loss = loss + config.cr_weight * contrastive_regularization(
-                    first, second, config.cr_temperature, config.cr_variant,
+                    first,
+                    second,
+                    config.cr_temperature,
+                    config.cr_variant,
                     targets[:batch].argmax(dim=1),
                 )
             if self.teacher is not None:
@@ -268,12 +271,15 @@ def fit(
     on_epoch: EpochCallback | None = None,
     resume_from: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    epoch_labels: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `config` on `splits`, evaluating on val every epoch (centre crop).
 
     `on_epoch(metrics, state)` runs after each epoch on every rank; `state` is the full
     checkpoint dict and references live tensors, so persist it before returning.
-    `resume_from` is such a dict: training continues after its epoch.
+    `resume_from` is such a dict: training continues after its epoch. `epoch_labels` are
+    recorded with every epoch's metrics (e.g. the machine it ran on), so they survive in the
+    checkpoint's history across resumes.
     """
     run = _Run(config, splits, device or default_device())
     if resume_from is not None:
@@ -290,6 +296,7 @@ def fit(
             "val_nll": scores["nll"],
             "lr": run.optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
+            **(epoch_labels or {}),
         }
         run.history.append(metrics)
         if on_epoch is not None:

@@ -57,7 +57,8 @@ class ARNet(nn.Module):
         self.classifier = nn.Linear(features, num_classes)
         self.projector = (
             nn.Sequential(
-                nn.Linear(features, features), nn.ReLU(inplace=True),
+                nn.Linear(features, features),
+                nn.ReLU(inplace=True),
                 nn.Linear(features, config.proj_dim),
             )
             if config.cr_weight > 0

@@ -1,0 +1,276 @@
+"""`ar-ray ensemble` and `ar-ray predict`: members -> probabilities -> fitted weights -> outputs.
+
+Weights are fitted on validation probabilities only; test numbers are reported for every
+method, so the choice can be checked but never tuned on test.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ar_ray import storage
+from ar_ray.data import DatasetSplits
+from ar_ray.ensemble_weights import FittedWeights, choose, combine, fit_all
+from ar_ray.errors import UserError
+from ar_ray.inference import run_predictors
+from ar_ray.members import (
+    MemberSpec,
+    TrainOptions,
+    member_dir,
+    select_members,
+    train_members,
+)
+from ar_ray.metrics import classification_metrics, reliability_table
+from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
+from ar_ray.report import write_report
+from ar_ray.tune import TuneRecord
+
+ENSEMBLE_DIR = "ensemble"
+ENSEMBLE_FILE = "ensemble.yaml"
+TOP_K = 5
+
+
+@dataclass
+class EnsembleRequest:
+    """The resolved `ar-ray ensemble` command, recorded next to its results."""
+
+    run: str
+    members: int = 3
+    archs: list[str] | None = None
+    epochs: int | None = None
+    workers_per_member: int = 1
+    tta: str = "tencrop"
+    greedy_size: int = 25
+    seed: int = 0
+
+
+@dataclass
+class EnsembleSummary:
+    metrics: pd.DataFrame
+    chosen: str
+    folder: str
+
+
+def _checkpoints(run: str, specs: list[MemberSpec]) -> list[str]:
+    return [storage.join(member_dir(run, s.member_id), CHECKPOINT_FILE) for s in specs]
+
+
+def _metric_rows(
+    split: str,
+    member_probs: np.ndarray,
+    labels: np.ndarray,
+    names: list[str],
+    fitted: dict[str, FittedWeights],
+    chosen: str,
+) -> list[dict[str, Any]]:
+    rows = [
+        {"name": name, "kind": "member", "split": split, **classification_metrics(probs, labels)}
+        for name, probs in zip(names, member_probs, strict=True)
+    ]
+    for method, weights in {**fitted, "final": fitted[chosen]}.items():
+        probs = combine(member_probs, weights)
+        rows.append(
+            {
+                "name": method,
+                "kind": "ensemble",
+                "split": split,
+                **classification_metrics(probs, labels),
+            }
+        )
+    return rows
+
+
+def predictions_frame(
+    probs: np.ndarray, ids: list[str], classes: list[str], labels: np.ndarray | None = None
+) -> pd.DataFrame:
+    """One row per image: predicted class, top-5 classes, confidence, the label where known."""
+    order = np.argsort(-probs, axis=1)[:, :TOP_K]
+    frame = pd.DataFrame(
+        {
+            "image_id": ids,
+            "predicted": [classes[i] for i in order[:, 0]],
+            "top5": [" ".join(classes[i] for i in row) for row in order],
+            "confidence": probs.max(axis=1),
+        }
+    )
+    if labels is not None:
+        frame["label"] = [classes[i] for i in labels.tolist()]
+    return frame
+
+
+def _stage(run: str) -> tuple[Path, bool]:
+    """Outputs are written in a local folder; for a URI run that folder is uploaded after."""
+    folder = storage.join(run, ENSEMBLE_DIR)
+    if storage.is_uri(run):
+        return Path(tempfile.mkdtemp(prefix="ar-ray-ensemble-")), True
+    return Path(folder), False
+
+
+def _publish(stage: Path, run: str) -> None:
+    for path in sorted(stage.iterdir()):
+        storage.upload_file(path, storage.join(run, ENSEMBLE_DIR, path.name))
+    shutil.rmtree(stage)
+
+
+def prepare_ensemble_dir(run: str, *, resume: bool, overwrite: bool) -> None:
+    """A second run into the same folder must be asked for: --resume reuses finished members."""
+    folders = [storage.join(run, ENSEMBLE_DIR), storage.join(run, "members")]
+    if not any(storage.exists(folder) for folder in folders) or resume:
+        return
+    if not overwrite:
+        raise UserError(f"{folders[0]}: already exists; pass --resume or --overwrite")
+    for folder in folders:
+        if storage.exists(folder):
+            storage.remove_tree(folder)
+
+
+def run_ensemble(
+    request: EnsembleRequest,
+    record: TuneRecord,
+    splits: DatasetSplits,
+    options: TrainOptions,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> EnsembleSummary:
+    run = storage.resolve(request.run)
+    base = record.base.replace(epochs=request.epochs or record.base.epochs)
+    specs = select_members(record.board, base, request.members, request.archs, request.seed)
+    prepare_ensemble_dir(run, resume=resume, overwrite=overwrite)
+    stage, remote = _stage(run)
+    selection = pd.DataFrame(
+        [
+            {
+                "member": s.member_id,
+                "trial_id": s.trial_id,
+                "tune_rank": s.tune_rank,
+                "arch": s.config.arch,
+                "seed": s.config.seed,
+                "epochs": s.config.epochs,
+                "reason": s.reason,
+            }
+            for s in specs
+        ]
+    )
+    atomic_write_csv(stage / "members.csv", selection)
+    status = train_members(specs, splits, options)
+
+    checkpoints = _checkpoints(run, specs)
+    names = [s.member_id for s in specs]
+    val = run_predictors(checkpoints, splits.val.images, tta=request.tta).member_probs
+    val_labels = splits.val.labels.numpy()
+    fitted = fit_all(val, val_labels, request.greedy_size)
+    chosen = choose(fitted, val, val_labels)
+    rows = _metric_rows("val", val, val_labels, names, fitted, chosen)
+    np.savez_compressed(stage / "probs_val.npz", member_probs=val, labels=val_labels)
+
+    test = None
+    if splits.test is not None:
+        test = run_predictors(checkpoints, splits.test.images, tta=request.tta).member_probs
+        final_test = combine(test, fitted[chosen])
+        test_labels = None if splits.test.labels is None else splits.test.labels.numpy()
+        frame = predictions_frame(final_test, splits.test.ids, splits.classes, test_labels)
+        atomic_write_csv(stage / "predictions.csv", frame)
+        if splits.test.labels is None:
+            submission = frame[["image_id", "predicted"]]
+            atomic_write_csv(stage / "submission.csv", submission)
+        else:
+            rows += _metric_rows("test", test, test_labels, names, fitted, chosen)
+            np.savez_compressed(stage / "probs_test.npz", member_probs=test, labels=test_labels)
+
+    metrics = pd.DataFrame(rows)
+    member_solo = metrics[metrics["kind"] == "member"].pivot(
+        index="name", columns="split", values="top1"
+    )
+    weights = pd.DataFrame(
+        [
+            {
+                "member": name,
+                "method": method,
+                "weight": float(w.weights[i]),
+                "temperature": w.temperature,
+                **{f"solo_{split}_top1": member_solo.loc[name, split] for split in member_solo},
+            }
+            for method, w in fitted.items()
+            for i, name in enumerate(names)
+        ]
+    )
+    selection["status"] = selection["member"].map(status)
+    atomic_write_csv(stage / "members.csv", selection.merge(_member_nodes(run, specs)))
+    atomic_write_csv(stage / "weights.csv", weights)
+    atomic_write_csv(stage / "metrics.csv", metrics)
+    report_probs, report_labels, report_split = (
+        (final_test, test_labels, "test")
+        if test is not None and test_labels is not None
+        else (combine(val, fitted[chosen]), val_labels, "val")
+    )
+    reliability = reliability_table(report_probs, report_labels).assign(
+        name=f"final ({report_split})"
+    )
+    write_report(
+        stage,
+        metrics=metrics,
+        weights=weights,
+        reliability=reliability,
+        title=f"ar-ray ensemble of {len(specs)} members ({chosen} weights, {request.tta})",
+    )
+    ensemble = {
+        "members": names,
+        "checkpoints": [storage.join("members", n, CHECKPOINT_FILE) for n in names],
+        "method": chosen,
+        "weights": fitted[chosen].weights.tolist(),
+        "temperature": fitted[chosen].temperature,
+        "tta": request.tta,
+        "classes": list(splits.classes),
+        "image_size": base.image_size,
+        "request": asdict(request),
+        "env": environment_info(),
+    }
+    atomic_write_text(stage / ENSEMBLE_FILE, yaml.safe_dump(ensemble, sort_keys=False))
+    if remote:
+        _publish(stage, run)
+    return EnsembleSummary(metrics=metrics, chosen=chosen, folder=storage.join(run, ENSEMBLE_DIR))
+
+
+def _member_nodes(run: str, specs: list[MemberSpec]) -> pd.DataFrame:
+    """Where each member's epochs ran (a node per epoch; several after a node was lost)."""
+    rows = []
+    for spec in specs:
+        text = storage.read_text(storage.join(member_dir(run, spec.member_id), "metrics.csv"))
+        history = pd.read_csv(io.StringIO(text))
+        rows.append(
+            {
+                "member": spec.member_id,
+                "epochs_trained": int(history["epoch"].max()),
+                "val_top1": float(history["val_top1"].iloc[-1]),
+                "node": " ".join(dict.fromkeys(history["node"].astype(str))),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def load_ensemble(run: str) -> tuple[list[str], FittedWeights, dict[str, Any]]:
+    """The saved ensemble: checkpoint locations, final weights and the rest of its record."""
+    run = storage.resolve(run)
+    location = storage.join(run, ENSEMBLE_DIR, ENSEMBLE_FILE)
+    if not storage.exists(location):
+        raise UserError(f"{location}: no saved ensemble; run `ar-ray ensemble` first")
+    try:
+        record = yaml.safe_load(storage.read_text(location))
+        checkpoints = [storage.join(run, path) for path in record["checkpoints"]]
+        weights = FittedWeights(
+            record["method"], np.array(record["weights"]), record["temperature"]
+        )
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{location}: corrupted ensemble record ({type(error).__name__})") from None
+    return checkpoints, weights, record

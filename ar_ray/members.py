@@ -1,0 +1,235 @@
+"""Ensemble members: pick strong and mutually different configs, train each on Ray Train.
+
+Averaging near-identical models buys little; members should differ in architecture, seed
+and config. Each member is a `TorchTrainer` (DDP over `workers_per_member` workers) that
+runs the recipe's engine, checkpoints every epoch and survives worker or node loss.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import ray.train
+import yaml
+from ray.train.torch import TorchTrainer
+
+from ar_ray import storage
+from ar_ray.config import RunConfig
+from ar_ray.data import DatasetSplits
+from ar_ray.errors import UserError
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from ar_ray.recipe.engine import fit
+from ar_ray.tune import config_for_row, finished_trials, searched_columns
+
+MEMBERS_DIR = "members"
+MIN_DISTANCE = 0.15
+"""Mean per-hyperparameter distance (numbers as leaderboard rank fractions, categories 0/1)
+below which two configs count as the same recipe."""
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    member_id: str
+    config: RunConfig
+    trial_id: str
+    tune_rank: int
+    reason: str
+
+
+def config_distances(board: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Pairwise distances between trials: ranks make log-scale and linear ranges comparable."""
+    features = []
+    for column in columns:
+        values = board[column]
+        if pd.api.types.is_numeric_dtype(values) and values.nunique() > 1:
+            features.append(values.rank(pct=True).to_numpy())
+        else:
+            features.append(None)
+    size = len(board)
+    distance = pd.DataFrame(0.0, index=board.index, columns=board.index)
+    for column, numeric in zip(columns, features, strict=True):
+        values = board[column].to_numpy()
+        for i in range(size):
+            if numeric is not None:
+                row = abs(numeric - numeric[i])
+            else:
+                row = (values != values[i]).astype(float)
+            distance.iloc[i] += row / max(1, len(columns))
+    return distance
+
+
+def select_members(
+    board: pd.DataFrame,
+    base: RunConfig,
+    count: int,
+    archs: list[str] | None = None,
+    seed: int = 0,
+) -> list[MemberSpec]:
+    """Walk the leaderboard best-first, keeping configs far enough from those already kept.
+
+    With `archs`, member i is re-run with `archs[i % len(archs)]`: the best recipes on other
+    backbones. Each member gets its own seed. Too few distant configs are topped up by rank.
+    """
+    ranked = finished_trials(board)
+    searched = searched_columns(board)
+    if count < 1:
+        raise UserError(f"--members={count} must be >= 1")
+    if len(ranked) == 0:
+        raise UserError("the tune run has no finished trial to build members from")
+    if count > len(ranked) and not archs:
+        raise UserError(f"--members={count} but the tune run has {len(ranked)} finished trials")
+    distance = config_distances(ranked, searched)
+    chosen: list[tuple[int, str]] = []
+    for index in range(len(ranked)):
+        if len(chosen) == count:
+            break
+        if not chosen:
+            chosen.append((index, f"best val top-1 {ranked['val_top1'][index]:.4f}"))
+            continue
+        nearest = min(distance.iloc[index, other] for other, _ in chosen)
+        if nearest >= MIN_DISTANCE:
+            chosen.append((index, f"config distance {nearest:.2f} >= {MIN_DISTANCE} from picks"))
+    for index in range(len(ranked)):
+        if len(chosen) == count:
+            break
+        if index not in {picked for picked, _ in chosen}:
+            chosen.append((index, f"topped up by rank: no config {MIN_DISTANCE} away left"))
+    distinct = list(chosen)
+    while len(chosen) < count:  # more members than trials (only with --archs)
+        chosen.append((distinct[len(chosen) % len(distinct)][0], "re-run on another backbone"))
+    members = []
+    for number, (index, reason) in enumerate(chosen):
+        config = config_for_row(base, ranked.iloc[index].to_dict(), searched)
+        config = config.replace(seed=seed + number)
+        if archs:
+            config = config.replace(arch=archs[number % len(archs)])
+        trial = str(ranked["trial_id"][index])
+        member_id = f"m{number + 1}-{config.arch}-{trial}-s{config.seed}"
+        members.append(MemberSpec(member_id, config, trial, int(ranked["rank"][index]), reason))
+    return members
+
+
+def member_train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Train worker: the engine joins DDP because Train set up the process group."""
+    config = RunConfig.from_dict(loop_config["config"])
+    splits = ray.get(loop_config["splits"])
+    context = ray.train.get_context()
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    node = ray.get_runtime_context().get_node_id()
+
+    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        if context.get_world_rank() != 0:
+            ray.train.report(metrics)  # every rank reports; only rank 0 uploads weights
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    device = ray.train.torch.get_device()
+    fit(
+        config,
+        splits,
+        on_epoch=on_epoch,
+        resume_from=state,
+        device=device,
+        epoch_labels={"node": node},
+    )
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    root: str  # <storage>/<name>
+    workers_per_member: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+
+
+def member_dir(root: str, member_id: str) -> str:
+    return storage.join(root, MEMBERS_DIR, member_id)
+
+
+def finished_member(root: str, spec: MemberSpec) -> bool:
+    """A member is done when its final checkpoint was published (written last, atomically)."""
+    return storage.exists(storage.join(member_dir(root, spec.member_id), CHECKPOINT_FILE))
+
+
+def train_member(
+    spec: MemberSpec,
+    splits_ref: ray.ObjectRef,
+    options: TrainOptions,
+    train_loop: Callable[[dict[str, Any]], None] = member_train_loop,
+) -> dict[str, Any]:
+    """Fit one member; a re-run with the same id resumes from its latest Train checkpoint."""
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": spec.config.to_dict(), "splits": splits_ref},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=options.workers_per_member,
+            use_gpu=options.use_gpu,
+            resources_per_worker={"CPU": options.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=spec.member_id,
+            storage_path=storage.join(options.root, MEMBERS_DIR),
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    folder = member_dir(options.root, spec.member_id)
+    history = pd.DataFrame(load_history(result.checkpoint))
+    storage.write_text(storage.join(folder, "metrics.csv"), history.to_csv(index=False))
+    storage.write_text(
+        storage.join(folder, "config.yaml"), yaml.safe_dump(spec.config.to_dict(), sort_keys=False)
+    )
+    publish_checkpoint(result.checkpoint, storage.join(folder, CHECKPOINT_FILE))
+    return history.iloc[-1].to_dict()
+
+
+def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, Any]]:
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)["history"]
+
+
+def publish_checkpoint(checkpoint: ray.train.Checkpoint, location: str) -> None:
+    """Copy Train's latest checkpoint to the member's fixed path, last, as the done marker."""
+    with checkpoint.as_directory() as folder:
+        storage.upload_file(Path(folder) / CHECKPOINT_FILE, location)
+
+
+def train_members(
+    specs: list[MemberSpec],
+    splits: DatasetSplits,
+    options: TrainOptions,
+    train_loop: Callable[[dict[str, Any]], None] = member_train_loop,
+) -> dict[str, str]:
+    """Train the unfinished members, as many at once as the cluster fits; return their status."""
+    splits_ref = ray.put(splits)
+    todo = [spec for spec in specs if not finished_member(options.root, spec)]
+    status = {spec.member_id: "reused" for spec in specs if spec not in todo}
+    if not todo:
+        return status
+    per_member = options.workers_per_member * options.cpus_per_worker
+    fits = max(1, int(ray.cluster_resources().get("CPU", 1) // per_member))
+    with ThreadPoolExecutor(max_workers=min(len(todo), fits)) as pool:
+        futures = {
+            spec.member_id: pool.submit(train_member, spec, splits_ref, options, train_loop)
+            for spec in todo
+        }
+        for member_id, future in futures.items():
+            future.result()
+            status[member_id] = "trained"
+    return status
