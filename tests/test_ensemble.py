@@ -1,0 +1,165 @@
+"""tune -> ensemble -> predict on a real local Ray, and a member that survives a failure."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+import yaml
+from helpers import make_image_folder, run_cli, write_image
+
+from ar_ray.ensemble import EnsembleRequest, load_ensemble, run_ensemble
+from ar_ray.inference import run_predictors
+from ar_ray.members import MemberSpec, TrainOptions, member_train_loop, train_member
+from ar_ray.recipe.augment import predict_probabilities
+from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
+from ar_ray.search_space import load_search_space
+from ar_ray.tune import TuneRequest, load_tune_record, run_tune
+
+QUICK = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
+OUTPUTS = [
+    "members.csv",
+    "weights.csv",
+    "metrics.csv",
+    "predictions.csv",
+    "report.md",
+    "members_vs_ensemble.png",
+    "weights.png",
+    "reliability.png",
+    "ensemble.yaml",
+    "probs_val.npz",
+    "probs_test.npz",
+]
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(ray_cluster, small_splits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    request = TuneRequest(
+        space=str(QUICK), trials=3, epochs=1, storage=str(root), name="e", limit_per_class=10
+    )
+    run_tune(request, load_search_space(QUICK), small_splits)
+    run = str(root / "e")
+    record = load_tune_record(run)
+    summary = run_ensemble(
+        EnsembleRequest(run=run, members=2, epochs=1),
+        record,
+        small_splits,
+        TrainOptions(root=run),
+    )
+    return Path(run), summary
+
+
+def test_ensemble_writes_every_output(ensemble_run, small_splits):
+    run, summary = ensemble_run
+    for name in OUTPUTS:
+        assert (run / "ensemble" / name).stat().st_size > 0, name
+    members = pd.read_csv(run / "ensemble" / "members.csv")
+    assert len(members) == 2 and members["member"].is_unique and members["seed"].is_unique
+    assert (members["epochs_trained"] == 1).all() and members["reason"].str.len().gt(0).all()
+    for member in members["member"]:
+        state = load_checkpoint(run / "members" / member / "checkpoint.pt")
+        assert state["epoch"] == 1
+    predictions = pd.read_csv(run / "ensemble" / "predictions.csv")
+    assert len(predictions) == len(small_splits.test)
+    assert set(predictions["predicted"]) <= set(small_splits.classes)
+    assert (predictions["top5"].str.split().str.len() == 5).all()
+    assert (predictions["top5"].str.split().str[0] == predictions["predicted"]).all()
+    metrics = pd.read_csv(run / "ensemble" / "metrics.csv")
+    assert set(metrics["split"]) == {"val", "test"}
+    assert {"uniform", "greedy", "nll", "final"} <= set(metrics["name"])
+    assert "![" in (run / "ensemble" / "report.md").read_text()
+
+
+def test_greedy_val_score_is_at_least_the_best_members(ensemble_run):
+    run, _ = ensemble_run
+    metrics = pd.read_csv(run / "ensemble" / "metrics.csv")
+    val = metrics[metrics["split"] == "val"]
+    best_member = val[val["kind"] == "member"]["top1"].max()
+    assert val[val["name"] == "greedy"]["top1"].item() >= best_member
+    assert val[val["name"] == "final"]["top1"].item() >= best_member
+
+
+def test_weights_are_non_negative_and_sum_to_one(ensemble_run):
+    run, _ = ensemble_run
+    weights = pd.read_csv(run / "ensemble" / "weights.csv")
+    assert (weights["weight"] >= 0).all()
+    assert np.allclose(weights.groupby("method")["weight"].sum(), 1.0)
+    saved = yaml.safe_load((run / "ensemble" / "ensemble.yaml").read_text())
+    assert np.isclose(sum(saved["weights"]), 1.0)
+
+
+def test_actor_tencrop_equals_local_tencrop(ensemble_run, small_splits):
+    run, _ = ensemble_run
+    checkpoints, _, _ = load_ensemble(str(run))
+    images = small_splits.val.images[:37]  # not a multiple of the chunk size
+    remote = run_predictors(checkpoints, images, tta="tencrop", chunk=16).member_probs
+    for index, location in enumerate(checkpoints):
+        model = inference_model(load_checkpoint(Path(location)))
+        local = predict_probabilities(model, images, 28, "tencrop").numpy()
+        assert np.allclose(remote[index], local, atol=1e-5)
+
+
+def test_predict_labels_a_folder_of_mixed_images(ensemble_run, tmp_path):
+    run, _ = ensemble_run
+    photos = tmp_path / "photos"
+    write_image(photos / "big.jpg", (320, 240))
+    write_image(photos / "grey.png", (30, 50), mode="L")
+    write_image(photos / "nested" / "rgba.png", (64, 64), mode="RGBA")
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "labels.csv"
+    address = ray.get_runtime_context().gcs_address
+    result = run_cli(
+        "predict",
+        "--ensemble",
+        str(run),
+        "--images",
+        str(photos),
+        "--out",
+        str(out),
+        "--address",
+        address,
+    )
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(out)
+    assert len(frame) == 3 and frame["image_id"].str.endswith((".jpg", ".png")).all()
+    assert frame["confidence"].between(0, 1).all()
+
+
+def test_member_resumes_from_its_checkpoint_after_an_injected_failure(
+    ray_cluster, small_splits, tmp_path
+):
+    """Two DDP workers; the first attempt dies after epoch 1 and the retry continues."""
+    marker = tmp_path / "resumed_from.txt"
+
+    def flaky_loop(loop_config):
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            member_train_loop({**loop_config, "config": {**loop_config["config"], "epochs": 1}})
+            raise RuntimeError("injected failure after epoch 1")
+        if ray.train.get_context().get_world_rank() == 0:
+            with checkpoint.as_directory() as folder:
+                epoch = torch.load(Path(folder) / "checkpoint.pt", weights_only=True)["epoch"]
+            marker.write_text(str(epoch))
+        member_train_loop(loop_config)
+
+    from ar_ray.config import RunConfig
+
+    spec = MemberSpec("flaky", RunConfig(epochs=2, batch_size=16), "t0", 1, "test")
+    options = TrainOptions(root=str(tmp_path), workers_per_member=2)
+    last = train_member(spec, ray.put(small_splits), options, train_loop=flaky_loop)
+    assert marker.read_text() == "1"
+    assert last["epoch"] == 2
+    history = pd.read_csv(tmp_path / "members" / "flaky" / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert load_checkpoint(tmp_path / "members" / "flaky" / "checkpoint.pt")["epoch"] == 2
+    shutil.rmtree(tmp_path / "members")
+
+
+def test_ensemble_from_a_folder_without_a_tune_run_fails_clearly(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    result = run_cli("ensemble", "--from", str(data))
+    assert result.returncode == 2 and "no leaderboard.csv" in result.stderr
