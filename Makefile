@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# tune on the built-in data, then a 2-member ensemble; ends with ensemble vs best member
 demo: $(STAMP)
-	$(BIN)/ar-ray train --out runs/demo-train --overwrite
+	$(BIN)/ar-ray tune --space search_spaces/quick.yaml --trials 6 --name demo --overwrite
+	$(BIN)/ar-ray ensemble --from runs/demo --members 2 --epochs 8 --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -208,7 +208,7 @@ def leaderboard(grid: tune.ResultGrid, space: SearchSpace, full_epochs: int) -> 
         row = {
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
             "status": _status(result, epochs_run, full_epochs),
-            "epochs": epochs_run,
+            "epochs_run": epochs_run,
             "val_top1": metrics.get("val_top1", math.nan),
             "val_nll": metrics.get("val_nll", math.nan),
         }
@@ -243,7 +243,7 @@ def best_configs_yaml(board: pd.DataFrame, space: SearchSpace, base: RunConfig) 
         config = config_for_row(base, row, list(space.searched))
         header = (
             f"# rank {row['rank']}: trial {row['trial_id']}, {row['status']} after "
-            f"{row['epochs']} epochs, val top-1 {row['val_top1']:.4f}\n"
+            f"{row['epochs_run']} epochs, val top-1 {row['val_top1']:.4f}\n"
         )
         chunks.append(header + yaml.safe_dump([config.to_dict()], sort_keys=False))
     return "".join(chunks)
@@ -275,7 +275,7 @@ def _plain(value: Any) -> Any:
 
 
 def print_leaderboard(board: pd.DataFrame, space: SearchSpace, rows: int = 10) -> None:
-    columns = ["rank", "trial_id", "status", "epochs", "val_top1", "val_nll"]
+    columns = ["rank", "trial_id", "status", "epochs_run", "val_top1", "val_nll"]
     columns += list(space.searched)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(board[columns].head(rows).to_string(index=False, float_format="%.4g"))

@@ -34,14 +34,16 @@ def test_quick_space_writes_leaderboard_and_trainable_best_configs(
     assert len(board) == len(saved) == 4
     assert saved["trial_id"].is_unique and (saved["status"] != "ERROR").all()
     assert saved["val_top1"].between(0, 1).all() and (saved["val_nll"] > 0).all()
-    assert saved["epochs"].between(1, 2).all() and (saved["wall_seconds"] > 0).all()
+    assert saved["epochs_run"].between(1, 2).all() and (saved["wall_seconds"] > 0).all()
     assert saved["val_top1"].is_monotonic_decreasing and list(saved["rank"]) == [1, 2, 3, 4]
     assert set(space.searched) <= set(saved.columns) and saved["node"].str.len().gt(0).all()
     assert saved["sce_alpha"].nunique() == 4  # Optuna really sampled
 
     best = tmp_path / "t" / "tune" / "best_configs.yaml"
     top = load_config(best)
-    assert top.epochs == 2 and top.sce_alpha == pytest.approx(saved["sce_alpha"][0])
+    assert (
+        top.epochs == 2 and top.seed == 0 and top.sce_alpha == pytest.approx(saved["sce_alpha"][0])
+    )
     trained = run_cli(
         "train",
         "--config",
@@ -79,7 +81,7 @@ def test_asha_stops_weak_trials_before_the_last_epoch(ray_cluster, small_splits,
     board = run_tune(request, space, small_splits)
     assert len(board) == 6
     stopped = board[board["status"] == "STOPPED_EARLY"]
-    assert len(stopped) >= 1 and (stopped["epochs"] < 4).all()
+    assert len(stopped) >= 1 and (stopped["epochs_run"] < 4).all()
     assert (board["status"] == "COMPLETE").any()
 
 
