@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from ar_ray.cluster import treat_sigterm_as_interrupt
 from ar_ray.config import TTA_MODES, RunConfig, load_config
 from ar_ray.data import DatasetSplits, load_dataset
-from ar_ray.errors import UserError
+from ar_ray.errors import Interrupted, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +134,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from ar_ray import storage
     from ar_ray.cluster import connect
     from ar_ray.search_space import load_search_space
     from ar_ray.tune import TuneRequest, base_config, experiment_dir, print_leaderboard, run_tune
@@ -152,6 +157,7 @@ def _tune(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         seed=args.seed,
     )
+    storage.ensure_writable(storage.join(storage.resolve(args.storage), args.name))
     splits = load_splits(args, base_config(request, space).image_size)
     connect(args.address)
     board = run_tune(request, space, splits, resume=args.resume, overwrite=args.overwrite)
@@ -163,13 +169,16 @@ def _tune(args: argparse.Namespace) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     from ar_ray.cluster import cluster_gpus, connect
     from ar_ray.data import load_dataset
-    from ar_ray.ensemble import EnsembleRequest, run_ensemble
+    from ar_ray.ensemble import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
     from ar_ray.members import TrainOptions
+    from ar_ray.storage import ensure_writable, resolve
     from ar_ray.tune import load_tune_record
 
     for flag in ("members", "epochs", "workers_per_member"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
     record = load_tune_record(args.run)
+    root = resolve(args.run)
+    ensure_writable(root)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
     for arch in archs or []:
         record.base.replace_checked("arch", arch, "--archs")
@@ -182,26 +191,20 @@ def _ensemble(args: argparse.Namespace) -> int:
         tta=args.tta,
         seed=args.seed,
     )
+    plan_members(request, record)  # a bad --members fails before any Ray work starts
+    prepare_ensemble_dir(root, resume=args.resume, overwrite=args.overwrite)
     tuned = record.request
     splits = load_dataset(tuned["data"], record.base.image_size)
     splits = splits.limit_per_class(tuned["limit_per_class"])
     connect(args.address)
     options = TrainOptions(
-        root=storage_root(args.run),
+        root=root,
         workers_per_member=args.workers_per_member,
         use_gpu=cluster_gpus() > 0,
     )
-    summary = run_ensemble(
-        request, record, splits, options, resume=args.resume, overwrite=args.overwrite
-    )
+    summary = run_ensemble(request, record, splits, options)
     print_summary(summary)
     return 0
-
-
-def storage_root(run: str) -> str:
-    from ar_ray.storage import resolve
-
-    return resolve(run)
 
 
 def print_summary(summary) -> None:
@@ -231,8 +234,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The command that continues an interrupted run: the same one, resuming."""
+    kept = [arg for arg in argv if arg not in ("--overwrite", "--resume")]
+    return shlex.join(["ar-ray", *kept, "--resume"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    treat_sigterm_as_interrupt()
     try:
         return args.handler(args)
     except UserError as error:
@@ -240,9 +252,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"ar-ray: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("ar-ray: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted):
+        _shutdown_ray()
+        print(f"ar-ray: interrupted; resume with: {resume_command(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 if __name__ == "__main__":

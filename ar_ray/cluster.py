@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 
 import ray
 
@@ -17,8 +19,32 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        _init(address)
+    finally:
+        treat_sigterm_as_interrupt()  # ray.init installs a SIGTERM handler that aborts
+
+
+def treat_sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler, `kill`) takes the same clean path as Ctrl+C: Tune and the
+    CLI stop at a checkpoint and print how to resume."""
+    signal.signal(signal.SIGTERM, _forward_to_sigint_handler)
+
+
+def _forward_to_sigint_handler(signum: int, frame: object) -> None:
+    """Call whatever handles SIGINT now (Tune's graceful stop during a search), else raise
+    KeyboardInterrupt; never rely on SIGINT itself, which background jobs may ignore."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def _init(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
@@ -26,6 +52,20 @@ def connect(address: str | None) -> None:
             raise UserError(f"--address {address}: cannot join Ray ({first_line})") from None
         return
     ray.init(dashboard_host="127.0.0.1")
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Probe host:port first: ray.init keeps retrying an unreachable GCS for minutes."""
+    host_port = address.split("://", 1)[-1]
+    if host_port == "auto" or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise UserError(f"--address {address}: no Ray cluster reachable there ({reason})") from None
 
 
 def cluster_gpus() -> float:

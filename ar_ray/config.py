@@ -7,6 +7,7 @@ this flat vocabulary, so a key means the same thing everywhere and a typo fails 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,8 @@ class RunConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{source}: {key}={getattr(self, key)!r} {why}")
+        if self.arch not in classification_archs():
+            raise ConfigError(f"{source}: arch={self.arch!r} is not a torchvision classifier")
 
     @property
     def mean_teacher(self) -> bool:
@@ -155,6 +158,13 @@ class RunConfig:
     def replace_checked(self, key: str, value: Any, source: str) -> RunConfig:
         """Like replace, but an invalid value is reported against `source` and `key`."""
         return RunConfig.from_dict({**self.to_dict(), key: value}, source=f"{source}: {key}")
+
+
+@functools.cache
+def classification_archs() -> frozenset[str]:
+    import torchvision  # deferred: only configs pay for the import, and only once
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
 def hyperparameter_types() -> dict[str, type]:

@@ -31,7 +31,7 @@ from ar_ray.members import (
 )
 from ar_ray.metrics import classification_metrics, reliability_table
 from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
-from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ar_ray.report import write_report
 from ar_ray.tune import TuneRecord
 
@@ -134,19 +134,24 @@ def prepare_ensemble_dir(run: str, *, resume: bool, overwrite: bool) -> None:
             storage.remove_tree(folder)
 
 
+def plan_members(request: EnsembleRequest, record: TuneRecord) -> list[MemberSpec]:
+    """The members to train; cheap, so the CLI checks it before starting any Ray work."""
+    base = record.base.replace(epochs=request.epochs or record.base.epochs)
+    return select_members(record.board, base, request.members, request.archs, request.seed)
+
+
 def run_ensemble(
     request: EnsembleRequest,
     record: TuneRecord,
     splits: DatasetSplits,
     options: TrainOptions,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
 ) -> EnsembleSummary:
+    """Train (or reuse) the members, predict val/test on actors, fit weights, write outputs.
+
+    The caller decides what may be overwritten (`prepare_ensemble_dir`) before calling.
+    """
     run = storage.resolve(request.run)
-    base = record.base.replace(epochs=request.epochs or record.base.epochs)
-    specs = select_members(record.board, base, request.members, request.archs, request.seed)
-    prepare_ensemble_dir(run, resume=resume, overwrite=overwrite)
+    specs = plan_members(request, record)
     stage, remote = _stage(run)
     selection = pd.DataFrame(
         [
@@ -232,7 +237,7 @@ def run_ensemble(
         "temperature": fitted[chosen].temperature,
         "tta": request.tta,
         "classes": list(splits.classes),
-        "image_size": base.image_size,
+        "image_size": record.base.image_size,
         "request": asdict(request),
         "env": environment_info(),
     }
@@ -273,4 +278,7 @@ def load_ensemble(run: str) -> tuple[list[str], FittedWeights, dict[str, Any]]:
         )
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
         raise UserError(f"{location}: corrupted ensemble record ({type(error).__name__})") from None
+    for checkpoint in checkpoints:  # fail here with the file's name, not inside an actor
+        if not storage.is_uri(checkpoint):
+            load_checkpoint(Path(checkpoint))
     return checkpoints, weights, record

@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
     """A mistake in what the user gave us (a file, key or value), not a bug in ar-ray."""
+
+
+class Interrupted(Exception):
+    """The user stopped the run (SIGINT/SIGTERM); checkpoints on disk let `--resume` go on."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,12 +224,17 @@ def train_members(
         return status
     per_member = options.workers_per_member * options.cpus_per_worker
     fits = max(1, int(ray.cluster_resources().get("CPU", 1) // per_member))
-    with ThreadPoolExecutor(max_workers=min(len(todo), fits)) as pool:
-        futures = {
-            spec.member_id: pool.submit(train_member, spec, splits_ref, options, train_loop)
-            for spec in todo
-        }
-        for member_id, future in futures.items():
-            future.result()
-            status[member_id] = "trained"
-    return status
+    pool = ThreadPoolExecutor(max_workers=min(len(todo), fits))
+    futures = {
+        spec.member_id: pool.submit(train_member, spec, splits_ref, options, train_loop)
+        for spec in todo
+    }
+    try:
+        pending = set(futures.values())
+        while pending:  # short waits: a blocked main thread would hold back Ctrl+C
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()
+    finally:  # on Ctrl+C, do not wait for members still training: their epochs are saved
+        pool.shutdown(wait=False, cancel_futures=True)
+    return status | {member_id: "trained" for member_id in futures}

@@ -53,9 +53,6 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
-        probe.touch()
-        probe.unlink()
     except OSError as error:
         raise UserError(f"{path}: cannot write there ({error.strerror})") from None
     return path

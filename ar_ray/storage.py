@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import posixpath
 import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs
@@ -50,6 +51,22 @@ def remove_tree(location: str) -> None:
         return
     fs, path = _filesystem(location)
     fs.delete_dir(path)
+
+
+def ensure_writable(location: str) -> None:
+    """Fail before any work starts, not after an hour of training, on a read-only --storage."""
+    if is_uri(location):
+        return  # object stores are checked by Ray with the node's own credentials
+    existing = Path(location)
+    while not existing.exists():  # probe the nearest existing folder, creating nothing
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a path component is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{location}: storage is not writable ({error.strerror})") from None
 
 
 def write_text(location: str, text: str) -> None:

@@ -27,7 +27,7 @@ from ar_ray import storage
 from ar_ray.cluster import cluster_gpus
 from ar_ray.config import RunConfig, hyperparameter_types
 from ar_ray.data import DatasetSplits
-from ar_ray.errors import UserError
+from ar_ray.errors import Interrupted, UserError
 from ar_ray.outputs import environment_info
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ar_ray.recipe.engine import fit
@@ -187,6 +187,8 @@ def run_tune(
     record = {"request": asdict(request), "base_config": base.to_dict(), "env": environment_info()}
     storage.write_text(storage.join(path, "request.yaml"), yaml.safe_dump(record, sort_keys=False))
     grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < request.trials:  # Tune returns on SIGINT
+        raise Interrupted(f"tune experiment {path} stopped before all trials finished")
     board = leaderboard(grid, space, base.epochs)
     storage.write_text(storage.join(path, LEADERBOARD), board.to_csv(index=False))
     storage.write_text(storage.join(path, BEST_CONFIGS), best_configs_yaml(board, space, base))

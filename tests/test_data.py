@@ -21,7 +21,7 @@ def builtin():
     return load_builtin()
 
 
-def _save(path: Path, size: tuple[int, int] = (20, 30), mode: str = "RGB", fmt: str = "JPEG"):
+def _save(path: Path, size: tuple[int, int] = (20, 30), mode: str = "RGB", fmt: str | None = None):
     """A real encoded image of noise, so every decoder has genuine content to chew on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(len(path.name) + size[0])
@@ -103,7 +103,6 @@ def test_folder_mixed_images(tmp_path):
     _save(root / "train" / "cat" / "grey.png", size=(50, 10), mode="L", fmt="PNG")
     _save(root / "train" / "dog" / "alpha.PNG", size=(12, 40), mode="RGBA", fmt="PNG")
     _save(root / "train" / "dog" / "palette.gif", mode="P", fmt="GIF")
-    _save(root / "val" / "dog" / "really_png.jpg", fmt="PNG")  # PIL sniffs the content
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1\2")
     (root / "train" / "dog" / "._0.jpg").write_bytes(b"macOS resource fork")
@@ -117,8 +116,16 @@ def test_folder_mixed_images(tmp_path):
         "dog/palette.gif",
     ]  # fmt: skip
     assert splits.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
-    assert splits.val.labels.tolist() == [0, 0, 1, 1, 1]
-    assert "dog/really_png.jpg" in splits.val.ids
+    assert splits.val.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_png_named_jpg_is_reported_or_skipped(tmp_path):
+    root = _tree(tmp_path)
+    disguised = root / "val" / "dog" / "really_png.jpg"
+    _save(disguised, fmt="PNG")
+    message = _error(root)
+    assert str(disguised) in message and "holds PNG data but is named .jpg" in message
+    assert load_folder(root, SIZE, skip_bad_images=True).skipped == [str(disguised)]
 
 
 def test_resize_shorter_side_then_centre_crop(tmp_path):

@@ -108,11 +108,31 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+FORMAT_OF_EXTENSION = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+
+class MislabelledImage(ValueError):
+    """Content and name disagree (a PNG named .jpg): often a sign of a broken export, and
+    tools other than PIL (e.g. JPEG-only decoders on the cluster) would fail on it."""
+
+
 def _decode(path: Path, size: int) -> np.ndarray:
     """One full decode per file; `load()` forces truncated data to raise instead of passing."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF chatter
         with Image.open(path) as image:
+            expected = FORMAT_OF_EXTENSION.get(path.suffix.lower())
+            if expected and image.format != expected:
+                raise MislabelledImage(f"holds {image.format} data but is named {path.suffix}")
             image.draft(None, (size, size))  # JPEG: decode at a reduced scale that is >= size
             image.load()
             rgb = image.convert("RGB")
@@ -131,6 +151,8 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
 def _bad_image_message(path: Path, error: Exception) -> str:
     if path.is_file() and path.stat().st_size == 0:
         return f"{path}: image file is empty (0 bytes)"
+    if isinstance(error, MislabelledImage):
+        return f"{path}: {error}; rename it or pass --skip-bad-images"
     if isinstance(error, UnidentifiedImageError):  # its own message repeats the path
         return f"{path}: not an image PIL can decode (corrupt or unknown format)"
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
