@@ -6,15 +6,18 @@ import argparse
 import shlex
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ar_ray.cluster import treat_sigterm_as_interrupt
 from ar_ray.config import TTA_MODES, RunConfig, load_config
 from ar_ray.data import DatasetSplits, load_dataset
 from ar_ray.errors import Interrupted, UserError
+from ar_ray.interrupts import treat_sigterm_as_interrupt
+
+if TYPE_CHECKING:  # the Ray-heavy modules load only for the commands that need them
+    from ar_ray.ensemble import EnsembleSummary
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(train)
     train.add_argument("--epochs", type=int)
     train.add_argument("--seed", type=int)
-    train.add_argument("--out", type=Path, help="output folder (default: runs/train-<time>)")
+    train.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     train.set_defaults(handler=_train)
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--epochs", type=int, help="epochs per member (default: the tune's)")
     ensemble.add_argument("--workers-per-member", type=int, default=1, help="DDP workers")
     ensemble.add_argument("--tta", choices=TTA_MODES, default="tencrop")
-    ensemble.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    _add_address_argument(ensemble)
     ensemble.add_argument("--seed", type=int, default=0)
     ensemble.add_argument("--resume", action="store_true", help="reuse finished members")
     ensemble.add_argument("--overwrite", action="store_true", help="replace members and outputs")
@@ -87,13 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ensemble", required=True, help="<storage>/<name> of an ensemble")
     predict.add_argument("--images", type=Path, nargs="+", required=True, help="files/folders")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"))
-    predict.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    _add_address_argument(predict)
     predict.set_defaults(handler=_predict)
     return parser
 
 
-def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_address_argument(parser)
     parser.add_argument(
         "--storage", default="runs", help="root for all outputs: a folder, s3:// or gs://"
     )
@@ -106,8 +113,7 @@ def _positive(name: str, value: float | None) -> None:
 
 
 def load_splits(args: argparse.Namespace, image_size: int) -> DatasetSplits:
-    if args.limit_per_class is not None and args.limit_per_class < 1:
-        raise UserError(f"--limit-per-class={args.limit_per_class} must be >= 1")
+    _positive("--limit-per-class", args.limit_per_class)
     splits = load_dataset(args.data, image_size, skip_bad_images=args.skip_bad_images)
     for path in splits.skipped:
         print(f"skipped unreadable image: {path}", file=sys.stderr)
@@ -121,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {"epochs": args.epochs, "seed": args.seed}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     splits = load_splits(args, config.image_size)
-    out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    out = args.out
     print(
         f"training {config.arch} for {config.epochs} epochs on {len(splits.train)} images "
         f"({splits.num_classes} classes); outputs in {out}",
@@ -137,9 +143,16 @@ def _tune(args: argparse.Namespace) -> int:
     from ar_ray import storage
     from ar_ray.cluster import connect
     from ar_ray.search_space import load_search_space
-    from ar_ray.tune import TuneRequest, base_config, experiment_dir, print_leaderboard, run_tune
+    from ar_ray.tune import (
+        TuneRequest,
+        base_config,
+        experiment_dir,
+        prepare_experiment_dir,
+        print_leaderboard,
+        run_tune,
+    )
 
-    for flag in ("trials", "epochs", "max_concurrent", "grace_period", "limit_per_class"):
+    for flag in ("trials", "epochs", "max_concurrent", "grace_period"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
     space = load_search_space(args.space)
     request = TuneRequest(
@@ -158,9 +171,10 @@ def _tune(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     storage.ensure_writable(storage.join(storage.resolve(args.storage), args.name))
+    prepare_experiment_dir(experiment_dir(request), resume=args.resume, overwrite=args.overwrite)
     splits = load_splits(args, base_config(request, space).image_size)
     connect(args.address)
-    board = run_tune(request, space, splits, resume=args.resume, overwrite=args.overwrite)
+    board = run_tune(request, space, splits, resume=args.resume)
     print_leaderboard(board, space)
     print(f"leaderboard: {experiment_dir(request)}/leaderboard.csv")
     return 0
@@ -207,7 +221,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(summary) -> None:
+def print_summary(summary: EnsembleSummary) -> None:
     """The line users look for: the ensemble against its best member."""
     metrics = summary.metrics
     split = "test" if (metrics["split"] == "test").any() else "val"
@@ -224,11 +238,14 @@ def print_summary(summary) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
+    from ar_ray.ensemble import load_ensemble
     from ar_ray.outputs import atomic_write_csv
-    from ar_ray.predict import run_predict
+    from ar_ray.predict import collect_images, run_predict
 
+    ensemble = load_ensemble(args.ensemble)
+    files = collect_images(args.images)
     connect(args.address)
-    frame = run_predict(args.ensemble, args.images)
+    frame = run_predict(ensemble, files)
     atomic_write_csv(args.out, frame)
     print(f"{len(frame)} predictions written to {args.out}")
     return 0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 
 import ray
 
 from ar_ray.errors import UserError
+from ar_ray.interrupts import treat_sigterm_as_interrupt
 
 
 def connect(address: str | None) -> None:
@@ -23,22 +23,6 @@ def connect(address: str | None) -> None:
         _init(address)
     finally:
         treat_sigterm_as_interrupt()  # ray.init installs a SIGTERM handler that aborts
-
-
-def treat_sigterm_as_interrupt() -> None:
-    """SIGTERM (a scheduler, `kill`) takes the same clean path as Ctrl+C: Tune and the
-    CLI stop at a checkpoint and print how to resume."""
-    signal.signal(signal.SIGTERM, _forward_to_sigint_handler)
-
-
-def _forward_to_sigint_handler(signum: int, frame: object) -> None:
-    """Call whatever handles SIGINT now (Tune's graceful stop during a search), else raise
-    KeyboardInterrupt; never rely on SIGINT itself, which background jobs may ignore."""
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        handler(signal.SIGINT, frame)
-    else:
-        raise KeyboardInterrupt
 
 
 def _init(address: str | None) -> None:

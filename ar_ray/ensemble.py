@@ -264,7 +264,10 @@ def _member_nodes(run: str, specs: list[MemberSpec]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def load_ensemble(run: str) -> tuple[list[str], FittedWeights, dict[str, Any]]:
+LoadedEnsemble = tuple[list[str], FittedWeights, dict[str, Any]]
+
+
+def load_ensemble(run: str) -> LoadedEnsemble:
     """The saved ensemble: checkpoint locations, final weights and the rest of its record."""
     run = storage.resolve(run)
     location = storage.join(run, ENSEMBLE_DIR, ENSEMBLE_FILE)

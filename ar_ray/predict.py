@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ar_ray.data import IMAGE_EXTENSIONS, decode_image
-from ar_ray.ensemble import load_ensemble, predictions_frame
+from ar_ray.ensemble import LoadedEnsemble, predictions_frame
 from ar_ray.errors import UserError
 from ar_ray.inference import run_predictors
 
@@ -33,10 +33,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def run_predict(run: str, paths: list[Path]) -> pd.DataFrame:
+def run_predict(ensemble: LoadedEnsemble, files: list[Path]) -> pd.DataFrame:
     """Decode lazily so images stream to the actors instead of piling up in the driver."""
-    checkpoints, weights, record = load_ensemble(run)
-    files = collect_images(paths)
+    checkpoints, weights, record = ensemble
     size = int(record["image_size"])
     images = (decode_image(path, size) for path in files)
     result = run_predictors(checkpoints, images, tta=record["tta"], weights=weights)

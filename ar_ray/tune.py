@@ -161,6 +161,17 @@ def base_config(request: TuneRequest, space: SearchSpace) -> RunConfig:
     return space.base_config().replace(**overrides)
 
 
+def prepare_experiment_dir(path: str, *, resume: bool, overwrite: bool) -> None:
+    """Resume needs an experiment; a new one must not silently mix with an old one."""
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise UserError(f"{path}: no tune experiment to resume")
+    elif storage.exists(path):
+        if not overwrite:
+            raise UserError(f"{path}: holds an experiment; pass --resume or --overwrite")
+        storage.remove_tree(path)
+
+
 def run_tune(
     request: TuneRequest,
     space: SearchSpace,
@@ -172,17 +183,12 @@ def run_tune(
     """Run (or resume) the search and write leaderboard, best configs and the request."""
     base = base_config(request, space)
     path = experiment_dir(request)
+    prepare_experiment_dir(path, resume=resume, overwrite=overwrite)
     if resume:
-        if not tune.Tuner.can_restore(path):
-            raise UserError(f"{path}: no tune experiment to resume")
         tuner = tune.Tuner.restore(
             path, trainable=_trainable(splits, base, request), resume_errored=True
         )
     else:
-        if storage.exists(path):
-            if not overwrite:
-                raise UserError(f"{path}: holds an experiment; pass --resume or --overwrite")
-            storage.remove_tree(path)
         tuner = _build_tuner(request, space, base, splits)
     record = {"request": asdict(request), "base_config": base.to_dict(), "env": environment_info()}
     storage.write_text(storage.join(path, "request.yaml"), yaml.safe_dump(record, sort_keys=False))
