@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import ray
 import ray.train
@@ -30,8 +31,8 @@ from ar_ray.tune import config_for_row, finished_trials, searched_columns
 
 MEMBERS_DIR = "members"
 MIN_DISTANCE = 0.15
-"""Mean per-hyperparameter distance (numbers as leaderboard rank fractions, categories 0/1)
-below which two configs count as the same recipe."""
+"""Mean per-hyperparameter distance (see `config_distances`) below which two configs count
+as the same recipe."""
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,30 @@ class MemberSpec:
     reason: str
 
 
-def config_distances(board: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Pairwise distances between trials: ranks make log-scale and linear ranges comparable."""
-    features = []
+def config_distances(board: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Mean per-hyperparameter distance between trials, in [0, 1].
+
+    Numbers are scaled to the span the trials cover (on a log scale where that span is over
+    10x, as for learning rates), so every hyperparameter weighs the same; categories are
+    equal (0) or not (1).
+    """
+    parts = []
     for column in columns:
         values = board[column]
-        if pd.api.types.is_numeric_dtype(values) and values.nunique() > 1:
-            features.append(values.rank(pct=True).to_numpy())
+        if pd.api.types.is_numeric_dtype(values):
+            scaled = _unit_scale(values.to_numpy(dtype=float))
+            parts.append(np.abs(scaled[:, None] - scaled[None, :]))
         else:
-            features.append(None)
-    size = len(board)
-    distance = pd.DataFrame(0.0, index=board.index, columns=board.index)
-    for column, numeric in zip(columns, features, strict=True):
-        values = board[column].to_numpy()
-        for i in range(size):
-            if numeric is not None:
-                row = abs(numeric - numeric[i])
-            else:
-                row = (values != values[i]).astype(float)
-            distance.iloc[i] += row / max(1, len(columns))
-    return distance
+            labels = values.astype(str).to_numpy()
+            parts.append((labels[:, None] != labels[None, :]).astype(float))
+    return np.mean(parts, axis=0) if parts else np.zeros((len(board), len(board)))
+
+
+def _unit_scale(values: np.ndarray) -> np.ndarray:
+    if (values > 0).all() and values.max() / values.min() > 10:
+        values = np.log(values)
+    span = values.max() - values.min()
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
 
 
 def select_members(
@@ -93,7 +98,7 @@ def select_members(
         if not chosen:
             chosen.append((index, f"best val top-1 {ranked['val_top1'][index]:.4f}"))
             continue
-        nearest = min(distance.iloc[index, other] for other, _ in chosen)
+        nearest = min(distance[index, other] for other, _ in chosen)
         if nearest >= MIN_DISTANCE:
             chosen.append((index, f"config distance {nearest:.2f} >= {MIN_DISTANCE} from picks"))
     for index in range(len(ranked)):

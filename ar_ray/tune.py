@@ -113,7 +113,8 @@ def experiment_dir(request: TuneRequest) -> str:
     return storage.join(storage.resolve(request.storage), request.name, TUNE_DIR)
 
 
-def _trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest):
+def trial_trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest):
+    """run_trial with the data shared through the object store and per-trial resources."""
     trainable = tune.with_parameters(run_trial, splits=splits, base=base.to_dict())
     return tune.with_resources(trainable, trial_resources(request))
 
@@ -135,7 +136,7 @@ def _build_tuner(
     )
     root = storage.join(storage.resolve(request.storage), request.name)
     return tune.Tuner(
-        _trainable(splits, base, request),
+        trial_trainable(splits, base, request),
         param_space=space.to_tune(),
         tune_config=tune.TuneConfig(
             metric=METRIC,
@@ -186,7 +187,7 @@ def run_tune(
     prepare_experiment_dir(path, resume=resume, overwrite=overwrite)
     if resume:
         tuner = tune.Tuner.restore(
-            path, trainable=_trainable(splits, base, request), resume_errored=True
+            path, trainable=trial_trainable(splits, base, request), resume_errored=True
         )
     else:
         tuner = _build_tuner(request, space, base, splits)

@@ -1,0 +1,48 @@
+"""Member selection: strong first, then different, each with its own seed."""
+
+import pandas as pd
+import pytest
+
+from ar_ray.config import RunConfig
+from ar_ray.errors import UserError
+from ar_ray.members import select_members
+
+
+def _board():
+    rows = [  # rank 2 is a near copy of rank 1; rank 3 differs in every hyperparameter
+        ("a", 0.80, 0.10, 1.0, "none"),
+        ("b", 0.79, 0.11, 1.1, "none"),
+        ("c", 0.70, 0.50, 0.2, "trivialaugment"),
+        ("d", 0.60, 0.30, 0.6, "none"),
+        ("e", None, 0.20, 0.4, "none"),
+    ]
+    board = pd.DataFrame(rows, columns=["trial_id", "val_top1", "cr_weight", "lr", "policy"])
+    board.insert(0, "rank", range(1, 6))
+    board["status"] = ["COMPLETE"] * 4 + ["ERROR"]
+    return board
+
+
+def test_picks_the_best_then_skips_near_copies():
+    members = select_members(_board(), RunConfig(epochs=3), count=2)
+    assert [m.trial_id for m in members] == ["a", "c"]
+    assert members[1].config.policy == "trivialaugment" and members[1].config.epochs == 3
+    assert "distance" in members[1].reason and "best" in members[0].reason
+    assert len({m.config.seed for m in members}) == 2
+
+
+def test_tops_up_by_rank_when_few_configs_are_far_apart():
+    members = select_members(_board(), RunConfig(), count=4)
+    assert [m.trial_id for m in members] == ["a", "c", "d", "b"]
+    assert "topped up" in members[-1].reason
+
+
+def test_archs_spread_members_over_backbones_even_beyond_the_trials():
+    members = select_members(_board(), RunConfig(), count=6, archs=["resnet18", "resnet34"])
+    assert [m.config.arch for m in members] == ["resnet18", "resnet34"] * 3
+    assert len({m.member_id for m in members}) == 6
+
+
+@pytest.mark.parametrize("count, message", [(0, "--members=0"), (5, "has 4 finished")])
+def test_impossible_member_counts_are_user_errors(count, message):
+    with pytest.raises(UserError, match=message):
+        select_members(_board(), RunConfig(), count=count)
