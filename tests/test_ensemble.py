@@ -163,3 +163,24 @@ def test_ensemble_from_a_folder_without_a_tune_run_fails_clearly(tmp_path):
     data = make_image_folder(tmp_path / "data")
     result = run_cli("ensemble", "--from", str(data))
     assert result.returncode == 2 and "no leaderboard.csv" in result.stderr
+
+
+def test_tune_and_ensemble_through_a_storage_uri(ray_cluster, small_splits, tmp_path):
+    """`--storage` as a URI takes the object-store code path (pyarrow), as s3:// or gs:// do."""
+    uri = f"file://{tmp_path}"
+    request = TuneRequest(
+        space=str(QUICK), trials=2, epochs=1, storage=uri, name="u", limit_per_class=10
+    )
+    run_tune(request, load_search_space(QUICK), small_splits)
+    run = f"{uri}/u"
+    summary = run_ensemble(
+        EnsembleRequest(run=run, members=2, epochs=1, tta="center"),
+        load_tune_record(run),
+        small_splits,
+        TrainOptions(root=run),
+    )
+    assert summary.folder == f"{run}/ensemble"
+    for name in ("metrics.csv", "ensemble.yaml", "report.md", "predictions.csv"):
+        assert (tmp_path / "u" / "ensemble" / name).stat().st_size > 0
+    checkpoints, weights, _ = load_ensemble(run)
+    assert all(c.startswith("file://") for c in checkpoints) and len(weights.weights) == 2
