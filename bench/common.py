@@ -1,56 +1,194 @@
-"""What the benchmark scripts share: the --quick switch, where results go, the machine line."""
+"""What the benchmark scripts share: --quick, Ray start-up, fresh-process runs, results.
+
+Also a tiny entry point, used by `run_fresh` only:
+
+    python bench/common.py MODULE:FUNCTION KWARGS_JSON RESULT_PATH
+
+runs `FUNCTION(**KWARGS)` from `bench/MODULE.py` and writes its JSON result to RESULT_PATH.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-import ray
-import torch
 
-from ar_ray.outputs import atomic_write_csv, atomic_write_text
+from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
 
 RESULTS = Path(__file__).parent / "results"
+NUM_CPUS = 2  # the project's reference machine; every number in BENCHMARKS.md assumes it
 
 
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
-        "--quick", action="store_true", help="tiny settings, results under results/quick/"
+        "--quick",
+        action="store_true",
+        help="tiny settings to check the script end to end; results go to results/quick/",
     )
     return parser.parse_args()
 
 
-def start_ray() -> None:
+def start_ray() -> float:
+    """Start a local Ray like the tests do; return the seconds it took (a real start-up cost)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    import ray  # deferred: fresh-process baselines must not pay for importing Ray
+
+    started = time.perf_counter()
+    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - started
 
 
-def machine() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, ray {ray.__version__}"
+def bench_splits(limit_per_class: int | None):
+    """The built-in split, optionally shrunk; a fresh process rebuilds exactly the same one."""
+    from ar_ray.data import load_dataset
+
+    return load_dataset(None, 28).limit_per_class(limit_per_class)
+
+
+def run_fresh(target: str, kwargs: dict[str, Any], *, threads: int | None = None) -> Any:
+    """Call `module:function(**kwargs)` in a new interpreter and return its JSON result.
+
+    Ray runs a trial, a Train worker or an actor in its own process with OMP_NUM_THREADS
+    set to its CPUs before torch loads. Running the baseline the same way keeps the
+    comparison fair (no thread pool sized before `set_num_threads`, nothing else in
+    memory), and a peak-RSS reading taken there belongs to that call alone.
+    """
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.json"
+        command = [sys.executable, __file__, target, json.dumps(kwargs), str(result)]
+        subprocess.run(command, env=env, check=True)
+        return json.loads(result.read_text())
+
+
+@dataclass
+class Timing:
+    """One training run's clock, measured the same way inside and outside Ray."""
+
+    epoch_seconds: list[float]  # the engine's own timer: one epoch's training + validation
+    intervals: list[float]  # between epoch reports from epoch 2 on: adds checkpoint + report
+    wall: float  # the whole call: start-up, every epoch, and the wrap-up
+
+
+def direct_fit(config: dict[str, Any], limit_per_class: int | None) -> dict[str, Any]:
+    """`engine.fit` with no Ray at all: the baseline (run it through `run_fresh`)."""
+    from ar_ray.config import RunConfig
+    from ar_ray.recipe.engine import fit
+
+    splits = bench_splits(limit_per_class)
+    reported: list[float] = []
+    started = time.perf_counter()
+    result = fit(
+        RunConfig.from_dict(config),
+        splits,
+        on_epoch=lambda metrics, state: reported.append(time.perf_counter()),
     )
+    wall = time.perf_counter() - started
+    epochs = [float(m["epoch_seconds"]) for m in result.history]
+    return asdict(Timing(epochs, gaps(reported), wall))
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in zip(times[:-1], times[1:], strict=True)]
 
 
 def median(values: list[float]) -> float:
-    return statistics.median(values)
+    return statistics.median(values) if values else float("nan")
 
 
-def write_results(name: str, frame: pd.DataFrame, notes: list[str], quick: bool) -> None:
-    """CSV with every number, and a markdown table with the notes that explain them."""
-    folder = RESULTS / "quick" if quick else RESULTS
-    atomic_write_csv(folder / f"{name}.csv", frame)
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    body = [
-        "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
-        for row in frame.itertuples(index=False)
+def overhead_table(direct: Timing, ray_side: Timing, label: str, ray_init: float) -> pd.DataFrame:
+    """Direct vs inside-Ray: per-epoch medians, whole wall-clock, and the fixed cost."""
+
+    def row(measure: str, base: float, other: float, ratio: bool = True) -> dict[str, Any]:
+        """A ratio of fixed costs (near zero directly) says nothing, so those rows get none."""
+        value = other / base if ratio and base else float("nan")
+        return {"measure": measure, "direct": base, label: other, "ratio": value}
+
+    def fixed(timing: Timing) -> float:
+        return timing.wall - sum(timing.epoch_seconds)
+
+    return pd.DataFrame(
+        [
+            row("median epoch s", median(direct.epoch_seconds), median(ray_side.epoch_seconds)),
+            row(
+                "median s between epoch reports",
+                median(direct.intervals),
+                median(ray_side.intervals),
+            ),
+            row("wall s, start-up included", direct.wall, ray_side.wall),
+            row("wall s - sum of epoch s", fixed(direct), fixed(ray_side), ratio=False),
+            row("of which ray.init s", 0.0, ray_init, ratio=False),
+        ]
+    )
+
+
+def machine_line(settings: str) -> str:
+    """Settings plus the machine and versions, and how busy the machine was when it started."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    env = environment_info()
+    versions = ", ".join(f"{key} {env[key]}" for key in ("python", "torch", "ray", "optuna"))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{settings} Machine: {cpu}, {os.cpu_count()} CPUs, no GPU used; {versions}; "
+        f"load average {load:.2f} at start."
+    )
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if value != value else f"{value:.3f}"  # NaN -> empty
+        return str(value)
+
+    lines = [
+        "| " + " | ".join(map(str, frame.columns)) + " |",
+        "| " + " | ".join("---" for _ in frame.columns) + " |",
     ]
-    text = "\n".join([*notes, "", header, rule, *body]) + "\n"
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str, tables: dict[str, pd.DataFrame], notes: list[str], quick: bool
+) -> Path:
+    """`<name>.csv` (every table, a `table` column tells them apart) and `<name>.md`.
+
+    Quick runs go to results/quick/, which is not committed, so a smoke check can never
+    overwrite a real measurement.
+    """
+    folder = RESULTS / "quick" if quick else RESULTS
+    combined = pd.concat(
+        [frame.assign(table=title)[["table", *frame.columns]] for title, frame in tables.items()],
+        ignore_index=True,
+    )
+    atomic_write_csv(folder / f"{name}.csv", combined)
+    sections = [f"### {title}\n\n{markdown_table(frame)}" for title, frame in tables.items()]
+    text = "\n\n".join([f"# {name}" + (" (--quick)" if quick else ""), *notes, *sections]) + "\n"
     atomic_write_text(folder / f"{name}.md", text)
-    print(text)
+    print(text, flush=True)
+    return folder
+
+
+if __name__ == "__main__":
+    module_name, function_name = sys.argv[1].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    Path(sys.argv[3]).write_text(json.dumps(function(**json.loads(sys.argv[2]))))
