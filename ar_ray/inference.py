@@ -86,8 +86,12 @@ def _chunks(images: Iterable[torch.Tensor] | torch.Tensor, size: int) -> Iterato
 
 
 def actor_count() -> tuple[int, dict[str, float]]:
-    """One actor per GPU, or per CPU slot without GPUs, and the resources each takes."""
-    resources = ray.available_resources()
+    """One actor per GPU, or per CPU slot without GPUs, and the resources each takes.
+
+    Counted on the cluster's total, not what is free right now: members that just finished
+    training may still hold their CPUs for a moment, and the actors simply wait for them.
+    """
+    resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
         return gpus, {"num_gpus": 1}

@@ -179,12 +179,13 @@ def run_tune(
     splits: DatasetSplits,
     *,
     resume: bool = False,
-    overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Run (or resume) the search and write leaderboard, best configs and the request."""
+    """Run (or resume) the search and write leaderboard, best configs and the request.
+
+    The caller decides what may be replaced (`prepare_experiment_dir`) before Ray starts.
+    """
     base = base_config(request, space)
     path = experiment_dir(request)
-    prepare_experiment_dir(path, resume=resume, overwrite=overwrite)
     if resume:
         tuner = tune.Tuner.restore(
             path, trainable=trial_trainable(splits, base, request), resume_errored=True
