@@ -21,9 +21,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from ar_ray.config import RunConfig
 
 from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
 
@@ -192,3 +195,9 @@ if __name__ == "__main__":
     module_name, function_name = sys.argv[1].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     Path(sys.argv[3]).write_text(json.dumps(function(**json.loads(sys.argv[2]))))
+
+
+def direct_timing(config: RunConfig, limit_per_class: int | None) -> Timing:
+    """The baseline of every overhead table: `engine.fit` in a fresh 1-thread process."""
+    arguments = {"config": config.to_dict(), "limit_per_class": limit_per_class}
+    return Timing(**run_fresh("common:direct_fit", arguments, threads=1))

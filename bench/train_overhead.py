@@ -27,11 +27,11 @@ import ray
 from common import (
     Timing,
     bench_splits,
+    direct_timing,
     gaps,
     machine_line,
     overhead_table,
     parse_args,
-    run_fresh,
     start_ray,
     write_results,
 )
@@ -86,13 +86,7 @@ def main() -> None:
     limit, epochs = (10, 2) if args.quick else (None, 4)
     splits = bench_splits(limit)
     config = RunConfig(epochs=epochs)
-    direct = Timing(
-        **run_fresh(
-            "common:direct_fit",
-            {"config": config.to_dict(), "limit_per_class": limit},
-            threads=1,
-        )
-    )
+    direct = direct_timing(config, limit)
     ray_init = start_ray()
     with tempfile.TemporaryDirectory() as root:
         in_train = member_timing(config, splits, root, ray_init)

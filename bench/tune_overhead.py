@@ -26,10 +26,10 @@ import pandas as pd
 from common import (
     Timing,
     bench_splits,
+    direct_timing,
     machine_line,
     overhead_table,
     parse_args,
-    run_fresh,
     start_ray,
     write_results,
 )
@@ -140,13 +140,7 @@ def main() -> None:
     limit, epochs, trials, search_epochs = (10, 2, 4, 2) if args.quick else (None, 4, 12, 4)
     splits = bench_splits(limit)
     config = RunConfig(epochs=epochs)
-    direct = Timing(
-        **run_fresh(
-            "common:direct_fit",
-            {"config": config.to_dict(), "limit_per_class": limit},
-            threads=1,
-        )
-    )
+    direct = direct_timing(config, limit)
     ray_init = start_ray()
     with tempfile.TemporaryDirectory() as folder:
         in_tune = single_trial(config, splits, Path(folder), ray_init)
