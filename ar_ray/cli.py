@@ -8,6 +8,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from ar_ray.config import TTA_MODES, RunConfig, load_config
 from ar_ray.data import DatasetSplits, load_dataset
 from ar_ray.errors import Interrupted, UserError
 from ar_ray.interrupts import treat_sigterm_as_interrupt
+from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources, actor_default, announce, stated
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only for the commands that need them
     from ar_ray.ensemble import EnsembleSummary
@@ -61,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--epochs", type=int, help="epochs per trial (default: the space's)")
     _add_data_arguments(tune)
     _add_cluster_arguments(tune)
-    tune.add_argument("--gpus-per-trial", type=float)
-    tune.add_argument("--cpus-per-trial", type=float)
+    tune.add_argument("--gpus-per-trial", type=float, help="GPUs each trial holds (default 0)")
+    tune.add_argument("--cpus-per-trial", type=float, help="CPUs each trial holds (default 1)")
     tune.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
     tune.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop")
     tune.add_argument("--max-failures", type=int, default=2, help="retries per failed trial")
@@ -79,7 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--archs", help="comma-separated backbones to spread members over")
     ensemble.add_argument("--epochs", type=int, help="epochs per member (default: the tune's)")
     ensemble.add_argument("--workers-per-member", type=int, default=1, help="DDP workers")
+    ensemble.add_argument(
+        "--cpus-per-worker", type=float, help="CPUs per member worker (default: the tune's)"
+    )
+    ensemble.add_argument(
+        "--gpus-per-worker", type=float, help="GPUs per member worker (default: the tune's)"
+    )
+    ensemble.add_argument(
+        "--max-concurrent", type=int, help="cap on members training at once (default: all)"
+    )
     ensemble.add_argument("--tta", choices=TTA_MODES, default="tencrop")
+    _add_actor_arguments(ensemble, "the member workers'")
     _add_address_argument(ensemble)
     ensemble.add_argument("--seed", type=int, default=0)
     ensemble.add_argument("--resume", action="store_true", help="reuse finished members")
@@ -88,11 +100,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="label images with a saved ensemble")
     predict.add_argument("--ensemble", required=True, help="<storage>/<name> of an ensemble")
-    predict.add_argument("--images", type=Path, nargs="+", required=True, help="files/folders")
-    predict.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    predict.add_argument(
+        "--images", nargs="+", required=True, help="files, folders, s3:// or gs:// prefixes"
+    )
+    predict.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"), help="CSV, or Parquet (.parquet)"
+    )
+    _add_actor_arguments(predict, "the ensemble's")
     _add_address_argument(predict)
     predict.set_defaults(handler=_predict)
     return parser
+
+
+def _add_actor_arguments(parser: argparse.ArgumentParser, inherited: str) -> None:
+    parser.add_argument(
+        "--cpus-per-actor", type=float, help=f"CPUs per inference actor (default: {inherited})"
+    )
+    parser.add_argument(
+        "--gpus-per-actor", type=float, help=f"GPUs per inference actor (default: {inherited})"
+    )
+    parser.add_argument(
+        "--max-actors", type=int, help=f"largest inference pool (default: {inherited} or 4)"
+    )
+
+
+def _resources(
+    args: argparse.Namespace, unit: str, per: str, inherited: Resources, origin: str
+) -> Resources:
+    """The flags `--cpus-per-<per>`/`--gpus-per-<per>` over what was inherited; unless the
+    user stated both, one line says what each unit will request and how to change it."""
+    cpus = getattr(args, f"cpus_per_{per}")
+    gpus = getattr(args, f"gpus_per_{per}")
+    resources = stated(cpus, gpus, inherited)
+    if cpus is None or gpus is None:
+        flags = f"--cpus-per-{per} / --gpus-per-{per}"
+        print(announce(unit, resources.describe(), origin, flags), flush=True)
+    return resources
 
 
 def _add_address_argument(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +198,7 @@ def _tune(args: argparse.Namespace) -> int:
     for flag in ("trials", "epochs", "max_concurrent", "grace_period"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
     space = load_search_space(args.space)
+    trial = _resources(args, "trial", "trial", Resources(), "default")
     request = TuneRequest(
         space=str(args.space),
         trials=args.trials,
@@ -163,8 +207,8 @@ def _tune(args: argparse.Namespace) -> int:
         limit_per_class=args.limit_per_class,
         storage=args.storage,
         name=args.name,
-        gpus_per_trial=args.gpus_per_trial,
-        cpus_per_trial=args.cpus_per_trial,
+        cpus_per_trial=trial.cpus,
+        gpus_per_trial=trial.gpus,
         max_concurrent=args.max_concurrent,
         grace_period=args.grace_period,
         max_failures=args.max_failures,
@@ -181,14 +225,13 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from ar_ray.cluster import cluster_gpus, connect
+    from ar_ray.cluster import connect
     from ar_ray.data import load_dataset
     from ar_ray.ensemble import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
-    from ar_ray.members import TrainOptions
     from ar_ray.storage import ensure_writable, resolve
     from ar_ray.tune import load_tune_record
 
-    for flag in ("members", "epochs", "workers_per_member"):
+    for flag in ("members", "epochs", "workers_per_member", "max_concurrent", "max_actors"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
     record = load_tune_record(args.run)
     root = resolve(args.run)
@@ -196,6 +239,9 @@ def _ensemble(args: argparse.Namespace) -> int:
     archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
     for arch in archs or []:
         record.base.replace_checked("arch", arch, "--archs")
+    tuned = f"the tune run's trials in {args.run}"
+    worker = _resources(args, "member worker", "worker", record.trial_resources, tuned)
+    actor = _resources(args, "inference actor", "actor", actor_default(worker), "member workers'")
     request = EnsembleRequest(
         run=args.run,
         members=args.members,
@@ -204,19 +250,19 @@ def _ensemble(args: argparse.Namespace) -> int:
         workers_per_member=args.workers_per_member,
         tta=args.tta,
         seed=args.seed,
+        cpus_per_worker=worker.cpus,
+        gpus_per_worker=worker.gpus,
+        max_concurrent=args.max_concurrent,
+        cpus_per_actor=actor.cpus,
+        gpus_per_actor=actor.gpus,
+        max_actors=args.max_actors or DEFAULT_MAX_ACTORS,
     )
     plan_members(request, record)  # a bad --members fails before any Ray work starts
     prepare_ensemble_dir(root, resume=args.resume, overwrite=args.overwrite)
-    tuned = record.request
-    splits = load_dataset(tuned["data"], record.base.image_size)
-    splits = splits.limit_per_class(tuned["limit_per_class"])
+    splits = load_dataset(record.request["data"], record.base.image_size)
+    splits = splits.limit_per_class(record.request["limit_per_class"])
     connect(args.address)
-    options = TrainOptions(
-        root=root,
-        workers_per_member=args.workers_per_member,
-        use_gpu=cluster_gpus() > 0,
-    )
-    summary = run_ensemble(request, record, splits, options)
+    summary = run_ensemble(request, record, splits, request.train_options(root))
     print_summary(summary)
     return 0
 
@@ -238,23 +284,29 @@ def print_summary(summary: EnsembleSummary) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
-    from ar_ray.ensemble import load_ensemble
-    from ar_ray.outputs import atomic_write_csv
-    from ar_ray.predict import collect_images, run_predict
+    from ar_ray.ensemble import inference_options, load_ensemble
+    from ar_ray.predict import check_locations, run_predict
 
+    _positive("--max-actors", args.max_actors)
     ensemble = load_ensemble(args.ensemble)
-    files = collect_images(args.images)
+    recorded = inference_options(ensemble[2].get("request", {}))
+    actor = _resources(args, "inference actor", "actor", recorded.actor, "the ensemble's")
+    options = replace(recorded, actor=actor, max_actors=args.max_actors or recorded.max_actors)
+    locations = check_locations(args.images)
     connect(args.address)
-    frame = run_predict(ensemble, files)
-    atomic_write_csv(args.out, frame)
-    print(f"{len(frame)} predictions written to {args.out}")
+    summary = run_predict(ensemble, locations, args.out, options)
+    print(f"{summary.images} predictions written to {args.out}")
+    if summary.errors:
+        print(f"{summary.errors} images could not be decoded: see the 'error' column")
     return 0
 
 
-def resume_command(argv: Sequence[str]) -> str:
-    """The command that continues an interrupted run: the same one, resuming."""
+def resume_command(argv: Sequence[str], command: str) -> str:
+    """The command that continues an interrupted run: the same one, resuming where the
+    command can (predict has nothing to resume: it is simply run again)."""
     kept = [arg for arg in argv if arg not in ("--overwrite", "--resume")]
-    return shlex.join(["ar-ray", *kept, "--resume"])
+    resume = [] if command == "predict" else ["--resume"]
+    return shlex.join(["ar-ray", *kept, *resume])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, Interrupted):
         _shutdown_ray()
-        print(f"ar-ray: interrupted; resume with: {resume_command(argv)}", file=sys.stderr)
+        again = resume_command(argv, args.command)
+        verb = "run again" if args.command == "predict" else "resume"
+        print(f"ar-ray: interrupted; {verb} with: {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -52,5 +52,16 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         raise UserError(f"--address {address}: no Ray cluster reachable there ({reason})") from None
 
 
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))
+def placement_labels() -> dict[str, object]:
+    """Where the calling trial or worker runs and what it holds, recorded with its epochs.
+
+    Read inside the process, so the record shows what Ray actually granted, not what the
+    driver asked for.
+    """
+    context = ray.get_runtime_context()
+    held = context.get_assigned_resources()
+    return {
+        "node": context.get_node_id(),
+        "cpus": float(held.get("CPU", 0.0)),
+        "gpus": float(held.get("GPU", 0.0)),
+    }

@@ -21,7 +21,7 @@ from ar_ray import storage
 from ar_ray.data import DatasetSplits
 from ar_ray.ensemble_weights import FittedWeights, choose, combine, fit_all
 from ar_ray.errors import UserError
-from ar_ray.inference import run_predictors
+from ar_ray.inference import InferenceOptions, member_probabilities
 from ar_ray.members import (
     MemberSpec,
     TrainOptions,
@@ -33,6 +33,7 @@ from ar_ray.metrics import classification_metrics, reliability_table
 from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ar_ray.report import write_report
+from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources
 from ar_ray.tune import TuneRecord
 
 ENSEMBLE_DIR = "ensemble"
@@ -52,6 +53,30 @@ class EnsembleRequest:
     tta: str = "tencrop"
     greedy_size: int = 25
     seed: int = 0
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    max_actors: int = DEFAULT_MAX_ACTORS
+
+    def train_options(self, root: str) -> TrainOptions:
+        worker = Resources(cpus=self.cpus_per_worker, gpus=self.gpus_per_worker)
+        return TrainOptions(
+            root=root,
+            workers_per_member=self.workers_per_member,
+            worker=worker,
+            max_concurrent=self.max_concurrent,
+        )
+
+    def inference_options(self) -> InferenceOptions:
+        return inference_options(asdict(self))
+
+
+def inference_options(request: dict[str, Any]) -> InferenceOptions:
+    """The pool an ensemble (or, from its record, `predict`) runs inference on."""
+    actor = Resources.from_record(request, "cpus_per_actor", "gpus_per_actor")
+    return InferenceOptions(actor=actor, max_actors=request.get("max_actors", DEFAULT_MAX_ACTORS))
 
 
 @dataclass
@@ -95,17 +120,33 @@ def predictions_frame(
 ) -> pd.DataFrame:
     """One row per image: predicted class, top-5 classes, confidence, the label where known."""
     order = np.argsort(-probs, axis=1)[:, :TOP_K]
-    frame = pd.DataFrame(
-        {
-            "image_id": ids,
-            "predicted": [classes[i] for i in order[:, 0]],
-            "top5": [" ".join(classes[i] for i in row) for row in order],
-            "confidence": probs.max(axis=1),
-        }
-    )
+    frame = top_k_frame(ids, order, np.take_along_axis(probs, order, axis=1), classes)
     if labels is not None:
         frame["label"] = [classes[i] for i in labels.tolist()]
     return frame
+
+
+def top_k_frame(
+    ids: list[str], top_classes: np.ndarray, top_probs: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
+    """Rows from top-k class indices [N, k] and their probabilities; index -1 (an image that
+    was not predicted) gives empty fields."""
+
+    def names(row: np.ndarray) -> list[str]:
+        return [classes[i] for i in row if i >= 0]
+
+    return pd.DataFrame(
+        {
+            "image_id": ids,
+            "predicted": [(names(row) or [""])[0] for row in top_classes],
+            "top5": [" ".join(names(row)) for row in top_classes],
+            "confidence": top_probs[:, 0],
+            "top5_probs": [
+                " ".join(f"{p:.4f}" for p, i in zip(row, idx, strict=True) if i >= 0)
+                for row, idx in zip(top_probs, top_classes, strict=True)
+            ],
+        }
+    )
 
 
 def _stage(run: str) -> tuple[Path, bool]:
@@ -172,7 +213,10 @@ def run_ensemble(
 
     checkpoints = _checkpoints(run, specs)
     names = [s.member_id for s in specs]
-    val = run_predictors(checkpoints, splits.val.images, tta=request.tta).member_probs
+    parts = [splits.val.images] + ([] if splits.test is None else [splits.test.images])
+    val, *tested = member_probabilities(
+        checkpoints, parts, tta=request.tta, options=request.inference_options()
+    )
     val_labels = splits.val.labels.numpy()
     fitted = fit_all(val, val_labels, request.greedy_size)
     chosen = choose(fitted, val, val_labels)
@@ -181,7 +225,7 @@ def run_ensemble(
 
     test = None
     if splits.test is not None:
-        test = run_predictors(checkpoints, splits.test.images, tta=request.tta).member_probs
+        test = tested[0]
         final_test = combine(test, fitted[chosen])
         test_labels = None if splits.test.labels is None else splits.test.labels.numpy()
         frame = predictions_frame(final_test, splits.test.ids, splits.classes, test_labels)
@@ -211,7 +255,7 @@ def run_ensemble(
         ]
     )
     selection["status"] = selection["member"].map(status)
-    atomic_write_csv(stage / "members.csv", selection.merge(_member_nodes(run, specs)))
+    atomic_write_csv(stage / "members.csv", selection.merge(_member_runs(run, specs)))
     atomic_write_csv(stage / "weights.csv", weights)
     atomic_write_csv(stage / "metrics.csv", metrics)
     report_probs, report_labels, report_split = (
@@ -247,8 +291,11 @@ def run_ensemble(
     return EnsembleSummary(metrics=metrics, chosen=chosen, folder=storage.join(run, ENSEMBLE_DIR))
 
 
-def _member_nodes(run: str, specs: list[MemberSpec]) -> pd.DataFrame:
-    """Where each member's epochs ran (a node per epoch; several after a node was lost)."""
+def _member_runs(run: str, specs: list[MemberSpec]) -> pd.DataFrame:
+    """Where and when each member trained, and what it held (from its epochs' records).
+
+    A member moved by a lost node lists every node it ran on.
+    """
     rows = []
     for spec in specs:
         text = storage.read_text(storage.join(member_dir(run, spec.member_id), "metrics.csv"))
@@ -259,9 +306,20 @@ def _member_nodes(run: str, specs: list[MemberSpec]) -> pd.DataFrame:
                 "epochs_trained": int(history["epoch"].max()),
                 "val_top1": float(history["val_top1"].iloc[-1]),
                 "node": " ".join(dict.fromkeys(history["node"].astype(str))),
+                "cpus": history["cpus"].max() if "cpus" in history else np.nan,
+                "gpus": history["gpus"].max() if "gpus" in history else np.nan,
+                "started": _timestamp(history, "started_at", "min"),
+                "finished": _timestamp(history, "finished_at", "max"),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _timestamp(history: pd.DataFrame, column: str, how: str) -> str:
+    if column not in history:  # a member trained before times were recorded
+        return ""
+    seconds = getattr(history[column], how)()
+    return pd.Timestamp(seconds, unit="s", tz="UTC").isoformat()
 
 
 LoadedEnsemble = tuple[list[str], FittedWeights, dict[str, Any]]

@@ -1,130 +1,190 @@
-"""TenCrop inference for an ensemble on a pool of Ray actors.
+"""TenCrop inference for an ensemble on an autoscaling pool of Ray Data actors.
 
-Each actor loads every member's weights once and keeps them; image chunks stream through
-the pool (`ray.util.ActorPool`, a few chunks in flight), so throughput grows with actors
-and driver memory holds only probabilities, never more than a few chunks of images.
+One path serves `ensemble` (val and test, held in memory) and `predict` (image files,
+read and decoded on the cluster). Each actor holds every member's weights and answers
+batches; the pool (`ActorPoolStrategy(min_size=1, max_size=max_actors)`) grows while there
+is work and nodes can join, and Ray Data retries the batches of an actor lost with its
+node. Rows carry their own index (or path), so results are placed by id, not by order.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
+import ray.data
 import torch
-from ray.util import ActorPool
+from ray.data.extensions import ArrowTensorArray
 
+from ar_ray import storage
 from ar_ray.ensemble_weights import FittedWeights, combine
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.recipe.engine import default_device
-from ar_ray.storage import download_file
+from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources
 
-CHUNK = 64  # images per actor call: 640 crops per forward with TenCrop
+BATCH = 64  # images per actor call: 640 crops per forward with TenCrop
+BLOCK_ROWS = 256  # rows per object-store block of in-memory images
+CheckpointSource = str | ray.ObjectRef  # a storage URI, or a local file's bytes
 
 
 @dataclass(frozen=True)
-class Predictions:
-    member_probs: np.ndarray  # [M, N, K]
-    ensemble_probs: np.ndarray | None  # [N, K] once weights are known
+class InferenceOptions:
+    """The pool: what each actor holds and how far it may grow."""
+
+    actor: Resources = field(default_factory=Resources)
+    max_actors: int = DEFAULT_MAX_ACTORS
+    batch_size: int = BATCH
+
+    def map_batches_args(self) -> dict[str, Any]:
+        return {
+            "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=self.max_actors),
+            "batch_size": self.batch_size,
+            **self.actor.ray_options(),
+        }
+
+
+def checkpoint_sources(locations: list[str]) -> list[CheckpointSource]:
+    """Make every checkpoint reachable from an actor on any node.
+
+    A bucket URI is read by the actor itself; a local file (only this machine may see it)
+    travels as bytes through the object store, so no remote node ever meets a path it
+    cannot open.
+    """
+    return [
+        location if storage.is_uri(location) else ray.put(Path(location).read_bytes())
+        for location in locations
+    ]
+
+
+def _fetch(source: CheckpointSource, local: Path) -> Path:
+    if isinstance(source, ray.ObjectRef):
+        local.write_bytes(ray.get(source))
+        return local
+    return storage.download_file(source, local)
 
 
 class EnsemblePredictor:
-    """Holds the members' models and the TenCrop transform; answers image chunks.
+    """The callable class of the pool: the members' models and the TenCrop transform.
 
-    Given fitted weights it also returns the weighted ensemble, so `ar-ray predict` gets
-    final answers from the actors without shipping per-member results around.
+    Without weights it answers every member's probabilities (ensemble fits weights on
+    them); with weights it answers only the weighted ensemble's top-k classes, so what
+    leaves the actor does not grow with the number of classes or members.
     """
 
     def __init__(
         self,
-        checkpoints: list[str],
+        checkpoints: list[CheckpointSource],
         tta: str,
         weights: FittedWeights | None = None,
+        top_k: int = 5,
     ) -> None:
         self.device = default_device()
         self.models = []
         sizes = set()
         with tempfile.TemporaryDirectory() as folder:
-            for index, location in enumerate(checkpoints):
-                state = load_checkpoint(download_file(location, Path(folder) / f"{index}.pt"))
-                self.models.append(inference_model(state, source=location).to(self.device))
+            for index, source in enumerate(checkpoints):
+                state = load_checkpoint(_fetch(source, Path(folder) / f"{index}.pt"))
+                self.models.append(inference_model(state).to(self.device))
                 sizes.add(int(state["config"]["image_size"]))
         if len(sizes) != 1:
             raise ValueError(f"members were trained at different image sizes {sorted(sizes)}")
         self.image_size = sizes.pop()
-        self.tta = tta
-        self.weights = weights
+        self.tta, self.weights, self.top_k = tta, weights, top_k
 
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        member = np.stack(
+    def member_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """[M, B, K] float32 for uint8 images [B, 3, S, S]."""
+        batch = torch.from_numpy(np.array(images))  # a writable copy of read-only rows
+        return np.stack(
             [
-                predict_probabilities(model, images, self.image_size, self.tta).cpu().numpy()
+                predict_probabilities(model, batch, self.image_size, self.tta).cpu().numpy()
                 for model in self.models
             ]
-        )
-        ensemble = combine(member, self.weights) if self.weights is not None else None
-        return member, ensemble
+        ).astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.weights is None:
+            member = self.member_probabilities(batch["image"])
+            return {"index": batch["index"], "member_probs": member.transpose(1, 0, 2)}
+        return self._top_k(batch)
+
+    def _top_k(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Top-k of the weighted ensemble; rows that failed to decode pass through as -1."""
+        good = batch["error"] == ""
+        count = len(good)
+        classes = np.full((count, self.top_k), -1, dtype=np.int64)
+        probs = np.zeros((count, self.top_k), dtype=np.float32)
+        if good.any():
+            ensemble = combine(self.member_probabilities(batch["image"][good]), self.weights)
+            order = np.argsort(-ensemble, axis=1)[:, : self.top_k]
+            classes[good] = order
+            probs[good] = np.take_along_axis(ensemble, order, axis=1)
+        return {"path": batch["path"], "error": batch["error"], "classes": classes, "probs": probs}
 
 
-def _chunks(images: Iterable[torch.Tensor] | torch.Tensor, size: int) -> Iterator[torch.Tensor]:
-    """Split a tensor, or batch an iterable of single images, into chunks of `size`."""
-    if isinstance(images, torch.Tensor):
-        yield from images.split(size)
-        return
-    pending: list[torch.Tensor] = []
-    for image in images:
-        pending.append(image)
-        if len(pending) == size:
-            yield torch.stack(pending)
-            pending = []
-    if pending:
-        yield torch.stack(pending)
+def array_dataset(parts: list[np.ndarray]) -> ray.data.Dataset:
+    """In-memory image arrays as blocks of their own rows, each row tagged with its index
+    in the concatenation of `parts`: one dataset, so one pool serves val and test."""
+    blocks = []
+    offset = 0
+    for images in parts:
+        for start in range(0, len(images), BLOCK_ROWS):
+            rows = np.ascontiguousarray(images[start : start + BLOCK_ROWS])
+            index = np.arange(offset + start, offset + start + len(rows))
+            blocks.append(pa.table({"index": index, "image": ArrowTensorArray.from_numpy(rows)}))
+        offset += len(images)
+    return ray.data.from_arrow(blocks)
 
 
-def actor_count() -> tuple[int, dict[str, float]]:
-    """One actor per GPU, or per CPU slot without GPUs, and the resources each takes.
-
-    Counted on the cluster's total, not what is free right now: members that just finished
-    training may still hold their CPUs for a moment, and the actors simply wait for them.
-    """
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return gpus, {"num_gpus": 1}
-    return max(1, int(resources.get("CPU", 1))), {"num_cpus": 1}
-
-
-def run_predictors(
+def member_probabilities(
     checkpoints: list[str],
-    images: Iterable[torch.Tensor] | torch.Tensor,
+    parts: list[np.ndarray],
     *,
     tta: str,
-    weights: FittedWeights | None = None,
-    actors: int | None = None,
-    chunk: int = CHUNK,
-) -> Predictions:
-    """Stream `images` (uint8 [N, 3, S, S], or an iterable of [3, S, S]) through the pool."""
-    count, options = actor_count()
-    remote = ray.remote(EnsemblePredictor).options(**options)
-    pool_actors = [remote.remote(checkpoints, tta, weights) for _ in range(actors or count)]
-    pool = ActorPool(pool_actors)
-    results = []
-    try:
-        for batch in _chunks(images, chunk):  # one chunk in flight per actor, no more
-            if not pool.has_free():
-                results.append(pool.get_next())
-            pool.submit(lambda actor, images: actor.predict.remote(images), batch)
-        while pool.has_next():
-            results.append(pool.get_next())
-    finally:
-        for actor in pool_actors:
-            ray.kill(actor)
-    if not results:
+    options: InferenceOptions,
+) -> list[np.ndarray]:
+    """Every member's probabilities [M, N, K] for each uint8 array [N, 3, S, S] in `parts`."""
+    sizes = [len(images) for images in parts]
+    if sum(sizes) == 0:
         raise ValueError("no images to predict")
-    member = np.concatenate([m for m, _ in results], axis=1)
-    ensemble = np.concatenate([e for _, e in results]) if weights is not None else None
-    return Predictions(member_probs=member, ensemble_probs=ensemble)
+    predicted = array_dataset(parts).map_batches(
+        EnsemblePredictor,
+        fn_constructor_args=(checkpoint_sources(checkpoints), tta),
+        **options.map_batches_args(),
+    )
+    result: np.ndarray | None = None
+    for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
+        probs = batch["member_probs"]  # [B, M, K]
+        if result is None:
+            result = np.empty((probs.shape[1], sum(sizes), probs.shape[2]), dtype=np.float32)
+        result[:, batch["index"]] = probs.transpose(1, 0, 2)
+    if result is None:
+        raise RuntimeError("the inference pool returned no rows")
+    return np.split(result, np.cumsum(sizes)[:-1], axis=1)
+
+
+def ensemble_top_k(
+    images: ray.data.Dataset,
+    checkpoints: list[str],
+    weights: FittedWeights,
+    *,
+    tta: str,
+    options: InferenceOptions,
+    top_k: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Stream batches of (path, error, top-k classes, top-k probabilities) as they finish.
+
+    `images` has columns path, image (uint8 CHW) and error ("" where the image decoded).
+    """
+    predicted = images.map_batches(
+        EnsemblePredictor,
+        fn_constructor_args=(checkpoint_sources(checkpoints), tta, weights, top_k),
+        **options.map_batches_args(),
+    )
+    yield from predicted.iter_batches(batch_size=None, batch_format="numpy")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,18 @@ import numpy as np
 import pandas as pd
 import ray
 import ray.train
+import torch
 import yaml
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from ar_ray import storage
+from ar_ray.cluster import placement_labels
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ar_ray.recipe.engine import fit
+from ar_ray.resources import Resources
 from ar_ray.tune import config_for_row, finished_trials, searched_columns
 
 MEMBERS_DIR = "members"
@@ -131,7 +134,6 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    node = ray.get_runtime_context().get_node_id()
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         if context.get_world_rank() != 0:
@@ -142,23 +144,41 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    device = ray.train.torch.get_device()
     fit(
         config,
         splits,
         on_epoch=on_epoch,
         resume_from=state,
-        device=device,
-        epoch_labels={"node": node},
+        device=worker_device(),
+        epoch_labels=placement_labels(),
     )
+
+
+def worker_device() -> torch.device:
+    """Train's device where CUDA exists; the CPU where the GPU held is only a logical one."""
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+
+def ddp_backend(worker: Resources) -> str:
+    """nccl needs CUDA where the workers run, which the driver (often a GPU-less head) cannot
+    see: one probe task with a worker's resources asks its node. It also starts the first
+    node of that type on an autoscaling cluster, which the members then use."""
+    if worker.gpus == 0:
+        return "gloo"
+    probe = ray.remote(_has_cuda).options(**worker.ray_options())
+    return "nccl" if ray.get(probe.remote()) else "gloo"
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     root: str  # <storage>/<name>
     workers_per_member: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    worker: Resources = field(default_factory=Resources)  # each DDP worker's request
+    max_concurrent: int | None = None  # members training at once; None: all of them
     max_failures: int = 3
 
 
@@ -176,15 +196,18 @@ def train_member(
     splits_ref: ray.ObjectRef,
     options: TrainOptions,
     train_loop: Callable[[dict[str, Any]], None] = member_train_loop,
+    backend: str = "gloo",
 ) -> dict[str, Any]:
     """Fit one member; a re-run with the same id resumes from its latest Train checkpoint."""
+    worker = options.worker
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": spec.config.to_dict(), "splits": splits_ref},
+        torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=options.workers_per_member,
-            use_gpu=options.use_gpu,
-            resources_per_worker={"CPU": options.cpus_per_worker},
+            use_gpu=worker.gpus > 0,
+            resources_per_worker={"CPU": worker.cpus, "GPU": worker.gpus},
         ),
         run_config=ray.train.RunConfig(
             name=spec.member_id,
@@ -221,17 +244,22 @@ def train_members(
     options: TrainOptions,
     train_loop: Callable[[dict[str, Any]], None] = member_train_loop,
 ) -> dict[str, str]:
-    """Train the unfinished members, as many at once as the cluster fits; return their status."""
-    splits_ref = ray.put(splits)
+    """Train the unfinished members side by side; return each member's status.
+
+    All of them are submitted at once (or `max_concurrent`): the autoscaler sees their
+    whole demand and grows the cluster to fit it, instead of one member at a time.
+    """
     todo = [spec for spec in specs if not finished_member(options.root, spec)]
     status = {spec.member_id: "reused" for spec in specs if spec not in todo}
     if not todo:
         return status
-    per_member = options.workers_per_member * options.cpus_per_worker
-    fits = max(1, int(ray.cluster_resources().get("CPU", 1) // per_member))
-    pool = ThreadPoolExecutor(max_workers=min(len(todo), fits))
+    splits_ref = ray.put(splits)
+    backend = ddp_backend(options.worker)
+    pool = ThreadPoolExecutor(max_workers=min(len(todo), options.max_concurrent or len(todo)))
     futures = {
-        spec.member_id: pool.submit(train_member, spec, splits_ref, options, train_loop)
+        spec.member_id: pool.submit(
+            train_member, spec, splits_ref, options, train_loop, backend=backend
+        )
         for spec in todo
     }
     try:

@@ -1,42 +1,148 @@
-"""`ar-ray predict`: a saved ensemble labels new images of any size, RGB or grey."""
+"""`ar-ray predict`: a saved ensemble labels images of any number, wherever they are stored.
+
+Files are listed on the driver but read and decoded by Ray Data tasks on the cluster; only
+each image's top-k classes come back, and they are appended to the output as they arrive,
+so the driver's memory does not grow with the number of images. An image that cannot be
+decoded becomes a row with an `error`, never the end of the run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
 
-from ar_ray.data import IMAGE_EXTENSIONS, decode_image
-from ar_ray.ensemble import LoadedEnsemble, predictions_frame
+from ar_ray import storage
+from ar_ray.data import IMAGE_EXTENSIONS, DataError
+from ar_ray.data.folder import decode_image_bytes
+from ar_ray.ensemble import TOP_K, LoadedEnsemble, top_k_frame
 from ar_ray.errors import UserError
-from ar_ray.inference import run_predictors
+from ar_ray.inference import InferenceOptions, ensemble_top_k
 
 
-def collect_images(paths: list[Path]) -> list[Path]:
-    """Folders are searched recursively for image files; files are taken as given."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not p.name.startswith(".")
-            )
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    if not files:
-        raise UserError(f"{' '.join(map(str, paths))}: no image files found")
-    return files
+def check_locations(locations: list[str]) -> list[str]:
+    """Absolute local paths (read tasks may run in another working directory) or URIs; a
+    missing one fails here, before the cluster does any work."""
+    resolved = []
+    for location in locations:
+        full = storage.resolve(location)
+        if not storage.exists(full):
+            raise UserError(f"{location}: no such file, folder or bucket prefix")
+        resolved.append(full)
+    return resolved
 
 
-def run_predict(ensemble: LoadedEnsemble, files: list[Path]) -> pd.DataFrame:
-    """Decode lazily so images stream to the actors instead of piling up in the driver."""
+def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Runs in Ray Data tasks: bytes -> uint8 CHW, with an error message for a bad image."""
+    images = np.zeros((len(batch["path"]), 3, size, size), dtype=np.uint8)
+    errors = []
+    for row, (path, data) in enumerate(zip(batch["path"], batch["bytes"], strict=True)):
+        try:
+            images[row] = decode_image_bytes(data, str(path), size)
+            errors.append("")
+        except DataError as error:
+            errors.append(str(error))
+    return {"path": batch["path"], "image": images, "error": np.array(errors, dtype=object)}
+
+
+def image_dataset(locations: list[str], size: int) -> ray.data.Dataset:
+    """Image files under files, folders and s3:// / gs:// prefixes, decoded on the cluster."""
+    files = ray.data.read_binary_files(
+        locations,
+        include_paths=True,
+        file_extensions=[extension.lstrip(".") for extension in sorted(IMAGE_EXTENSIONS)],
+    )
+    return files.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64)
+
+
+@dataclass
+class PredictSummary:
+    images: int
+    errors: int
+
+
+class PredictionWriter:
+    """Appends result batches to a temp file beside `out`, renamed into place when complete:
+    an interrupted run leaves nothing half-written. CSV, or Parquet for a `.parquet` name."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.partial = out.with_name(f".{out.name}.partial")
+        self.parquet = out.suffix.lower() == ".parquet"
+        self._parquet_writer: pq.ParquetWriter | None = None
+        self._csv = None
+
+    def append(self, frame: pd.DataFrame) -> None:
+        if self.parquet:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._parquet_writer is None:
+                self._parquet_writer = pq.ParquetWriter(self.partial, table.schema)
+            self._parquet_writer.write_table(table)
+            return
+        header = self._csv is None
+        if self._csv is None:
+            self._csv = open(self.partial, "w", newline="")  # noqa: SIM115 (closed in _close)
+        frame.to_csv(self._csv, header=header, index=False)
+
+    def _close(self) -> None:
+        if self._parquet_writer is not None:
+            self._parquet_writer.close()
+        if self._csv is not None:
+            self._csv.close()
+
+    def commit(self) -> None:
+        self._close()
+        os.replace(self.partial, self.out)
+
+    def discard(self) -> None:
+        self._close()
+        with contextlib.suppress(FileNotFoundError):
+            self.partial.unlink()
+
+
+def _frames(
+    ensemble: LoadedEnsemble, locations: list[str], options: InferenceOptions
+) -> Iterator[pd.DataFrame]:
     checkpoints, weights, record = ensemble
-    size = int(record["image_size"])
-    images = (decode_image(path, size) for path in files)
-    result = run_predictors(checkpoints, images, tta=record["tta"], weights=weights)
-    return predictions_frame(result.ensemble_probs, [str(p) for p in files], record["classes"])
+    images = image_dataset(locations, int(record["image_size"]))
+    batches = ensemble_top_k(
+        images, checkpoints, weights, tta=record["tta"], options=options, top_k=TOP_K
+    )
+    for batch in batches:
+        frame = top_k_frame(
+            [str(path) for path in batch["path"]],
+            batch["classes"],
+            batch["probs"],
+            record["classes"],
+        )
+        frame["error"] = batch["error"]
+        yield frame
+
+
+def run_predict(
+    ensemble: LoadedEnsemble, locations: list[str], out: Path, options: InferenceOptions
+) -> PredictSummary:
+    """Label every image under `locations`, streaming rows to `out` as batches finish."""
+    writer = PredictionWriter(out)
+    images = errors = 0
+    try:
+        for frame in _frames(ensemble, locations, options):
+            writer.append(frame)
+            images += len(frame)
+            errors += int((frame["error"] != "").sum())
+    except BaseException:
+        writer.discard()
+        raise
+    if images == 0:
+        writer.discard()
+        raise UserError(f"{' '.join(locations)}: no image files found")
+    writer.commit()
+    return PredictSummary(images=images, errors=errors)

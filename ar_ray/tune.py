@@ -17,20 +17,20 @@ from typing import Any
 
 import optuna
 import pandas as pd
-import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from ar_ray import storage
-from ar_ray.cluster import cluster_gpus
+from ar_ray.cluster import placement_labels
 from ar_ray.config import RunConfig, hyperparameter_types
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import Interrupted, UserError
 from ar_ray.outputs import environment_info
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ar_ray.recipe.engine import fit
+from ar_ray.resources import Resources
 from ar_ray.search_space import SearchSpace
 
 METRIC, MODE = "val_top1", "max"
@@ -51,8 +51,8 @@ class TuneRequest:
     limit_per_class: int | None = None
     storage: str = "runs"
     name: str = "ar"
-    gpus_per_trial: float | None = None
-    cpus_per_trial: float | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
     grace_period: int = 1
     reduction_factor: int = 3
@@ -89,7 +89,6 @@ def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, 
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    node = ray.get_runtime_context().get_node_id()
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -97,16 +96,12 @@ def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, 
             checkpoint = tune.Checkpoint.from_directory(folder)
             tune.report(metrics, checkpoint=checkpoint)
 
-    fit(config, splits, on_epoch=on_epoch, resume_from=state, epoch_labels={"node": node})
+    fit(config, splits, on_epoch=on_epoch, resume_from=state, epoch_labels=placement_labels())
 
 
-def trial_resources(request: TuneRequest) -> dict[str, float]:
-    """One GPU per trial where the cluster has GPUs, else one CPU: never more than fits."""
-    gpus = request.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    cpus = request.cpus_per_trial if request.cpus_per_trial is not None else 1.0
-    return {"cpu": cpus, "gpu": gpus}
+def trial_resources(request: TuneRequest) -> Resources:
+    """What the user stated (or the CPU default): never what the cluster holds right now."""
+    return Resources(cpus=request.cpus_per_trial, gpus=request.gpus_per_trial)
 
 
 def experiment_dir(request: TuneRequest) -> str:
@@ -116,7 +111,8 @@ def experiment_dir(request: TuneRequest) -> str:
 def trial_trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest):
     """run_trial with the data shared through the object store and per-trial resources."""
     trainable = tune.with_parameters(run_trial, splits=splits, base=base.to_dict())
-    return tune.with_resources(trainable, trial_resources(request))
+    resources = trial_resources(request)
+    return tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
 
 
 def _build_tuner(
@@ -224,7 +220,8 @@ def leaderboard(grid: tune.ResultGrid, space: SearchSpace, full_epochs: int) -> 
         }
         row.update({key: result.config.get(key) for key in space.searched})
         row["wall_seconds"] = metrics.get("time_total_s", math.nan)
-        row["node"] = metrics.get("node", "")
+        for label in ("node", "cpus", "gpus"):  # where the trial ran and what it held
+            row[label] = metrics.get(label, "")
         rows.append(row)
     board = pd.DataFrame(rows).sort_values("val_top1", ascending=False, na_position="last")
     board.insert(0, "rank", range(1, len(board) + 1))
@@ -266,6 +263,11 @@ class TuneRecord:
     request: dict[str, Any]
     base: RunConfig
     board: pd.DataFrame
+
+    @property
+    def trial_resources(self) -> Resources:
+        """What each trial held: `ensemble` inherits it for its members' workers."""
+        return Resources.from_record(self.request, "cpus_per_trial", "gpus_per_trial")
 
 
 def load_tune_record(run: str) -> TuneRecord:

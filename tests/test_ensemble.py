@@ -12,7 +12,7 @@ import yaml
 from helpers import make_image_folder, run_cli, write_image
 
 from ar_ray.ensemble import EnsembleRequest, load_ensemble, run_ensemble
-from ar_ray.inference import run_predictors
+from ar_ray.inference import InferenceOptions, member_probabilities
 from ar_ray.members import MemberSpec, TrainOptions, member_train_loop, train_member
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -95,8 +95,9 @@ def test_weights_are_non_negative_and_sum_to_one(ensemble_run):
 def test_actor_tencrop_equals_local_tencrop(ensemble_run, small_splits):
     run, _ = ensemble_run
     checkpoints, _, _ = load_ensemble(str(run))
-    images = small_splits.val.images[:37]  # not a multiple of the chunk size
-    remote = run_predictors(checkpoints, images, tta="tencrop", chunk=16).member_probs
+    images = small_splits.val.images[:37]  # not a multiple of the batch size
+    pool = InferenceOptions(max_actors=2, batch_size=16)
+    remote, = member_probabilities(checkpoints, [images], tta="tencrop", options=pool)
     for index, location in enumerate(checkpoints):
         model = inference_model(load_checkpoint(Path(location)))
         local = predict_probabilities(model, images, 28, "tencrop").numpy()

@@ -7,8 +7,10 @@ names the offending path, because the first thing a user needs is where to look.
 
 from __future__ import annotations
 
+import io
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -125,14 +127,14 @@ class MislabelledImage(ValueError):
     tools other than PIL (e.g. JPEG-only decoders on the cluster) would fail on it."""
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
+def _decode(source: Path | BinaryIO, suffix: str, size: int) -> np.ndarray:
     """One full decode per file; `load()` forces truncated data to raise instead of passing."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF chatter
-        with Image.open(path) as image:
-            expected = FORMAT_OF_EXTENSION.get(path.suffix.lower())
+        with Image.open(source) as image:
+            expected = FORMAT_OF_EXTENSION.get(suffix.lower())
             if expected and image.format != expected:
-                raise MislabelledImage(f"holds {image.format} data but is named {path.suffix}")
+                raise MislabelledImage(f"holds {image.format} data but is named {suffix}")
             image.draft(None, (size, size))  # JPEG: decode at a reduced scale that is >= size
             image.load()
             rgb = image.convert("RGB")
@@ -142,21 +144,37 @@ def _decode(path: Path, size: int) -> np.ndarray:
 def decode_image(path: Path, size: int) -> torch.Tensor:
     """One image file as uint8 CHW at `size`, decoded exactly as the training images were."""
     try:
-        array = _decode(path, size)
+        array = _decode(path, path.suffix, size)
     except DECODE_ERRORS as error:
         raise DataError(_bad_image_message(path, error)) from error
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def decode_image_bytes(data: bytes, name: str, size: int) -> np.ndarray:
+    """An image read elsewhere (a bucket, a Ray Data read task) as uint8 CHW at `size`,
+    decoded exactly as training images were; a bad one raises DataError naming `name`."""
+    try:
+        array = _decode(io.BytesIO(data), PurePosixPath(name).suffix, size)
+    except DECODE_ERRORS as error:
+        raise DataError(f"{name}: {_bad_image_reason(error, empty=not data)}") from error
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
 def _bad_image_message(path: Path, error: Exception) -> str:
-    if path.is_file() and path.stat().st_size == 0:
-        return f"{path}: image file is empty (0 bytes)"
+    empty = path.is_file() and path.stat().st_size == 0
+    return f"{path}: {_bad_image_reason(error, empty)}"
+
+
+def _bad_image_reason(error: Exception, empty: bool) -> str:
+    """Why an image failed to decode, in words a user can act on."""
+    if empty:
+        return "image file is empty (0 bytes)"
     if isinstance(error, MislabelledImage):
-        return f"{path}: {error}; rename it or pass --skip-bad-images"
+        return f"{error}; rename it or pass --skip-bad-images"
     if isinstance(error, UnidentifiedImageError):  # its own message repeats the path
-        return f"{path}: not an image PIL can decode (corrupt or unknown format)"
+        return "not an image PIL can decode (corrupt or unknown format)"
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f"{path}: unreadable or corrupt image ({reason})"
+    return f"unreadable or corrupt image ({reason})"
 
 
 def _decode_files(
@@ -166,7 +184,7 @@ def _decode_files(
     decoded = []
     for path in files:
         try:
-            decoded.append((path, _decode(path, size)))
+            decoded.append((path, _decode(path, path.suffix, size)))
         except DECODE_ERRORS as error:
             if skipped is None:
                 raise DataError(_bad_image_message(path, error)) from error

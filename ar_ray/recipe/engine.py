@@ -285,7 +285,7 @@ def fit(
     if resume_from is not None:
         run.restore(resume_from)
     while run.epoch < config.epochs:
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         train_loss = run.train_epoch()
         run.epoch += 1
         scores = evaluate(run.serving_model, splits.val, config.image_size, "center")
@@ -296,6 +296,8 @@ def fit(
             "val_nll": scores["nll"],
             "lr": run.optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
+            "started_at": started_at,  # wall clock: when runs on other machines overlapped
+            "finished_at": time.time(),
             **(epoch_labels or {}),
         }
         run.history.append(metrics)
