@@ -295,7 +295,7 @@ def _predict(args: argparse.Namespace) -> int:
     locations = check_locations(args.images)
     connect(args.address)
     summary = run_predict(ensemble, locations, args.out, options)
-    print(f"{summary.images} predictions written to {args.out}")
+    print(f"{summary.images} predictions written to {args.out}; actors used: {summary.pool}")
     if summary.errors:
         print(f"{summary.errors} images could not be decoded: see the 'error' column")
     return 0

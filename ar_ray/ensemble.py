@@ -21,7 +21,7 @@ from ar_ray import storage
 from ar_ray.data import DatasetSplits
 from ar_ray.ensemble_weights import FittedWeights, choose, combine, fit_all
 from ar_ray.errors import UserError
-from ar_ray.inference import InferenceOptions, member_probabilities
+from ar_ray.inference import InferenceOptions, PoolTally, member_probabilities
 from ar_ray.members import (
     MemberSpec,
     TrainOptions,
@@ -214,9 +214,11 @@ def run_ensemble(
     checkpoints = _checkpoints(run, specs)
     names = [s.member_id for s in specs]
     parts = [splits.val.images] + ([] if splits.test is None else [splits.test.images])
+    tally = PoolTally()
     val, *tested = member_probabilities(
-        checkpoints, parts, tta=request.tta, options=request.inference_options()
+        checkpoints, parts, tta=request.tta, options=request.inference_options(), tally=tally
     )
+    atomic_write_csv(stage / "inference_pool.csv", tally.frame())
     val_labels = splits.val.labels.numpy()
     fitted = fit_all(val, val_labels, request.greedy_size)
     chosen = choose(fitted, val, val_labels)

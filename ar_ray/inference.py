@@ -10,12 +10,14 @@ node. Rows carry their own index (or path), so results are placed by id, not by 
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import ray
 import ray.data
@@ -23,6 +25,7 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from ar_ray import storage
+from ar_ray.cluster import placement_labels
 from ar_ray.ensemble_weights import FittedWeights, combine
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -30,7 +33,7 @@ from ar_ray.recipe.engine import default_device
 from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources
 
 BATCH = 64  # images per actor call: 640 crops per forward with TenCrop
-BLOCK_ROWS = 256  # rows per object-store block of in-memory images
+IDENTITY = ("actor", "node", "cpus", "gpus")  # columns saying which actor answered a row
 CheckpointSource = str | ray.ObjectRef  # a storage URI, or a local file's bytes
 
 
@@ -97,6 +100,7 @@ class EnsemblePredictor:
             raise ValueError(f"members were trained at different image sizes {sorted(sizes)}")
         self.image_size = sizes.pop()
         self.tta, self.weights, self.top_k = tta, weights, top_k
+        self.identity = {"actor": ray.get_runtime_context().get_actor_id(), **placement_labels()}
 
     def member_probabilities(self, images: np.ndarray) -> np.ndarray:
         """[M, B, K] float32 for uint8 images [B, 3, S, S]."""
@@ -111,8 +115,11 @@ class EnsemblePredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.weights is None:
             member = self.member_probabilities(batch["image"])
-            return {"index": batch["index"], "member_probs": member.transpose(1, 0, 2)}
-        return self._top_k(batch)
+            answer = {"index": batch["index"], "member_probs": member.transpose(1, 0, 2)}
+        else:
+            answer = self._top_k(batch)
+        rows = len(next(iter(batch.values())))
+        return answer | {key: np.full(rows, value) for key, value in self.identity.items()}
 
     def _top_k(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Top-k of the weighted ensemble; rows that failed to decode pass through as -1."""
@@ -128,14 +135,32 @@ class EnsemblePredictor:
         return {"path": batch["path"], "error": batch["error"], "classes": classes, "probs": probs}
 
 
-def array_dataset(parts: list[np.ndarray]) -> ray.data.Dataset:
+class PoolTally:
+    """Which actors answered how many images, on which node, holding what: the record that
+    shows the pool grew with the cluster."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple] = Counter()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.counts.update(zip(*(batch[key].tolist() for key in IDENTITY), strict=True))
+
+    def frame(self) -> pd.DataFrame:
+        rows = [
+            dict(zip(IDENTITY, key, strict=True)) | {"images": n} for key, n in self.counts.items()
+        ]
+        return pd.DataFrame(rows, columns=[*IDENTITY, "images"])
+
+
+def array_dataset(parts: list[np.ndarray], block_rows: int) -> ray.data.Dataset:
     """In-memory image arrays as blocks of their own rows, each row tagged with its index
-    in the concatenation of `parts`: one dataset, so one pool serves val and test."""
+    in the concatenation of `parts`: one dataset, so one pool serves val and test. Blocks
+    of one batch let the pool spread the work over as many actors as it grows to."""
     blocks = []
     offset = 0
     for images in parts:
-        for start in range(0, len(images), BLOCK_ROWS):
-            rows = np.ascontiguousarray(images[start : start + BLOCK_ROWS])
+        for start in range(0, len(images), block_rows):
+            rows = np.ascontiguousarray(images[start : start + block_rows])
             index = np.arange(offset + start, offset + start + len(rows))
             blocks.append(pa.table({"index": index, "image": ArrowTensorArray.from_numpy(rows)}))
         offset += len(images)
@@ -148,12 +173,13 @@ def member_probabilities(
     *,
     tta: str,
     options: InferenceOptions,
+    tally: PoolTally | None = None,
 ) -> list[np.ndarray]:
     """Every member's probabilities [M, N, K] for each uint8 array [N, 3, S, S] in `parts`."""
     sizes = [len(images) for images in parts]
     if sum(sizes) == 0:
         raise ValueError("no images to predict")
-    predicted = array_dataset(parts).map_batches(
+    predicted = array_dataset(parts, options.batch_size).map_batches(
         EnsemblePredictor,
         fn_constructor_args=(checkpoint_sources(checkpoints), tta),
         **options.map_batches_args(),
@@ -164,6 +190,8 @@ def member_probabilities(
         if result is None:
             result = np.empty((probs.shape[1], sum(sizes), probs.shape[2]), dtype=np.float32)
         result[:, batch["index"]] = probs.transpose(1, 0, 2)
+        if tally is not None:
+            tally.add(batch)
     if result is None:
         raise RuntimeError("the inference pool returned no rows")
     return np.split(result, np.cumsum(sizes)[:-1], axis=1)

@@ -25,7 +25,8 @@ from ar_ray.data import IMAGE_EXTENSIONS, DataError
 from ar_ray.data.folder import decode_image_bytes
 from ar_ray.ensemble import TOP_K, LoadedEnsemble, top_k_frame
 from ar_ray.errors import UserError
-from ar_ray.inference import InferenceOptions, ensemble_top_k
+from ar_ray.inference import InferenceOptions, PoolTally, ensemble_top_k
+from ar_ray.outputs import atomic_write_csv
 
 
 def check_locations(locations: list[str]) -> list[str]:
@@ -67,6 +68,11 @@ def image_dataset(locations: list[str], size: int) -> ray.data.Dataset:
 class PredictSummary:
     images: int
     errors: int
+    pool: Path  # which actors labelled how many images
+
+
+def pool_file(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_pool.csv")
 
 
 class PredictionWriter:
@@ -109,7 +115,7 @@ class PredictionWriter:
 
 
 def _frames(
-    ensemble: LoadedEnsemble, locations: list[str], options: InferenceOptions
+    ensemble: LoadedEnsemble, locations: list[str], options: InferenceOptions, tally: PoolTally
 ) -> Iterator[pd.DataFrame]:
     checkpoints, weights, record = ensemble
     images = image_dataset(locations, int(record["image_size"]))
@@ -117,6 +123,7 @@ def _frames(
         images, checkpoints, weights, tta=record["tta"], options=options, top_k=TOP_K
     )
     for batch in batches:
+        tally.add(batch)
         frame = top_k_frame(
             [str(path) for path in batch["path"]],
             batch["classes"],
@@ -132,9 +139,10 @@ def run_predict(
 ) -> PredictSummary:
     """Label every image under `locations`, streaming rows to `out` as batches finish."""
     writer = PredictionWriter(out)
+    tally = PoolTally()
     images = errors = 0
     try:
-        for frame in _frames(ensemble, locations, options):
+        for frame in _frames(ensemble, locations, options, tally):
             writer.append(frame)
             images += len(frame)
             errors += int((frame["error"] != "").sum())
@@ -145,4 +153,5 @@ def run_predict(
         writer.discard()
         raise UserError(f"{' '.join(locations)}: no image files found")
     writer.commit()
-    return PredictSummary(images=images, errors=errors)
+    atomic_write_csv(pool_file(out), tally.frame())
+    return PredictSummary(images=images, errors=errors, pool=pool_file(out))
