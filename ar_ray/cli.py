@@ -131,6 +131,9 @@ def _resources(
     user stated both, one line says what each unit will request and how to change it."""
     cpus = getattr(args, f"cpus_per_{per}")
     gpus = getattr(args, f"gpus_per_{per}")
+    for kind, value in (("cpus", cpus), ("gpus", gpus)):
+        if value is not None and value < 0:
+            raise UserError(f"--{kind}-per-{per}={value:g} must be >= 0")
     resources = stated(cpus, gpus, inherited)
     if cpus is None or gpus is None:
         flags = f"--cpus-per-{per} / --gpus-per-{per}"

@@ -27,6 +27,7 @@ from ray.data.extensions import ArrowTensorArray
 from ar_ray import storage
 from ar_ray.cluster import placement_labels
 from ar_ray.ensemble_weights import FittedWeights, combine
+from ar_ray.progress import InferenceProgress
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.recipe.engine import default_device
@@ -179,19 +180,22 @@ def member_probabilities(
     sizes = [len(images) for images in parts]
     if sum(sizes) == 0:
         raise ValueError("no images to predict")
+    quiet_ray_data()
     predicted = array_dataset(parts, options.batch_size).map_batches(
         EnsemblePredictor,
         fn_constructor_args=(checkpoint_sources(checkpoints), tta),
         **options.map_batches_args(),
     )
     result: np.ndarray | None = None
-    for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
-        probs = batch["member_probs"]  # [B, M, K]
-        if result is None:
-            result = np.empty((probs.shape[1], sum(sizes), probs.shape[2]), dtype=np.float32)
-        result[:, batch["index"]] = probs.transpose(1, 0, 2)
-        if tally is not None:
-            tally.add(batch)
+    with InferenceProgress(sum(sizes)) as progress:
+        for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
+            probs = batch["member_probs"]  # [B, M, K]
+            if result is None:
+                result = np.empty((probs.shape[1], sum(sizes), probs.shape[2]), dtype=np.float32)
+            result[:, batch["index"]] = probs.transpose(1, 0, 2)
+            progress.advance(len(probs))
+            if tally is not None:
+                tally.add(batch)
     if result is None:
         raise RuntimeError("the inference pool returned no rows")
     return np.split(result, np.cumsum(sizes)[:-1], axis=1)
@@ -210,9 +214,20 @@ def ensemble_top_k(
 
     `images` has columns path, image (uint8 CHW) and error ("" where the image decoded).
     """
+    quiet_ray_data()
     predicted = images.map_batches(
         EnsemblePredictor,
         fn_constructor_args=(checkpoint_sources(checkpoints), tta, weights, top_k),
         **options.map_batches_args(),
     )
-    yield from predicted.iter_batches(batch_size=None, batch_format="numpy")
+    with InferenceProgress(len(images.input_files())) as progress:
+        for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.advance(len(batch["path"]))
+            yield batch
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress lines would bury ar-ray's own images/s and ETA."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

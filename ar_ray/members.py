@@ -27,6 +27,7 @@ from ar_ray.cluster import placement_labels
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
+from ar_ray.progress import MemberProgress, ProgressHandle, quiet_train_reports
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ar_ray.recipe.engine import fit
 from ar_ray.resources import Resources
@@ -126,9 +127,13 @@ def select_members(
 
 def member_train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Train worker: the engine joins DDP because Train set up the process group."""
+    quiet_train_reports()
     config = RunConfig.from_dict(loop_config["config"])
     splits = ray.get(loop_config["splits"])
     context = ray.train.get_context()
+    progress: ProgressHandle | None = loop_config.get("progress")
+    if progress is not None:
+        show_progress = progress.reporter(loop_config["member_id"], config.epochs)
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -143,6 +148,8 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
             save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if progress is not None:
+            show_progress(metrics)
 
     fit(
         config,
@@ -197,12 +204,18 @@ def train_member(
     options: TrainOptions,
     train_loop: Callable[[dict[str, Any]], None] = member_train_loop,
     backend: str = "gloo",
+    progress: ProgressHandle | None = None,
 ) -> dict[str, Any]:
     """Fit one member; a re-run with the same id resumes from its latest Train checkpoint."""
     worker = options.worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": spec.config.to_dict(), "splits": splits_ref},
+        train_loop_config={
+            "config": spec.config.to_dict(),
+            "splits": splits_ref,
+            "member_id": spec.member_id,
+            "progress": progress,
+        },
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=options.workers_per_member,
@@ -256,9 +269,10 @@ def train_members(
     splits_ref = ray.put(splits)
     backend = ddp_backend(options.worker)
     pool = ThreadPoolExecutor(max_workers=min(len(todo), options.max_concurrent or len(todo)))
+    progress = MemberProgress().start()
     futures = {
         spec.member_id: pool.submit(
-            train_member, spec, splits_ref, options, train_loop, backend=backend
+            train_member, spec, splits_ref, options, train_loop, backend, progress.handle
         )
         for spec in todo
     }
@@ -270,4 +284,5 @@ def train_members(
                 future.result()
     finally:  # on Ctrl+C, do not wait for members still training: their epochs are saved
         pool.shutdown(wait=False, cancel_futures=True)
+        progress.close()
     return status | {member_id: "trained" for member_id in futures}

@@ -9,6 +9,7 @@ free port, and on shutdown stops only the processes of its own session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -86,7 +87,9 @@ class FakeAutoscalingCluster:
         ray_bin = Path(sys.executable).with_name("ray")
         env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
         env["RAY_AUTH_MODE"] = "disabled"  # a token left in ~/.ray by a local ray.init
-        env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"  # the provider runs `ray`
+        env["PATH"] = (
+            f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"  # the provider runs `ray`
+        )
         subprocess.run(
             [
                 str(ray_bin),
@@ -117,10 +120,8 @@ class FakeAutoscalingCluster:
         for _ in range(3):  # workers spawned while stopping are caught by the next pass
             processes = self._processes()
             for process in processes:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     process.send_signal(signal.SIGKILL)
-                except psutil.NoSuchProcess:
-                    pass
             psutil.wait_procs(processes, timeout=10)
             time.sleep(0.5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -7,12 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import ray.data
 import torch
 import yaml
 from helpers import make_image_folder, run_cli, write_image
 
 from ar_ray.ensemble import EnsembleRequest, load_ensemble, run_ensemble
-from ar_ray.inference import InferenceOptions, member_probabilities
+from ar_ray.ensemble_weights import combine
+from ar_ray.inference import InferenceOptions, ensemble_top_k, member_probabilities
 from ar_ray.members import MemberSpec, TrainOptions, member_train_loop, train_member
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -97,7 +99,7 @@ def test_actor_tencrop_equals_local_tencrop(ensemble_run, small_splits):
     checkpoints, _, _ = load_ensemble(str(run))
     images = small_splits.val.images[:37]  # not a multiple of the batch size
     pool = InferenceOptions(max_actors=2, batch_size=16)
-    remote, = member_probabilities(checkpoints, [images], tta="tencrop", options=pool)
+    (remote,) = member_probabilities(checkpoints, [images], tta="tencrop", options=pool)
     for index, location in enumerate(checkpoints):
         model = inference_model(load_checkpoint(Path(location)))
         local = predict_probabilities(model, images, 28, "tencrop").numpy()
@@ -111,23 +113,51 @@ def test_predict_labels_a_folder_of_mixed_images(ensemble_run, tmp_path):
     write_image(photos / "grey.png", (30, 50), mode="L")
     write_image(photos / "nested" / "rgba.png", (64, 64), mode="RGBA")
     (photos / "notes.txt").write_text("not an image")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "labels.csv"
     address = ray.get_runtime_context().gcs_address
     result = run_cli(
-        "predict",
-        "--ensemble",
-        str(run),
-        "--images",
-        str(photos),
-        "--out",
-        str(out),
-        "--address",
-        address,
+        *("predict", "--ensemble", str(run), "--images", f"file://{photos}"),
+        *("--out", str(out), "--address", address, "--max-actors", "2"),
     )
     assert result.returncode == 0, result.stderr
-    frame = pd.read_csv(out)
-    assert len(frame) == 3 and frame["image_id"].str.endswith((".jpg", ".png")).all()
-    assert frame["confidence"].between(0, 1).all()
+    assert "each inference actor requests 1 CPU + 0 GPU (the ensemble's" in result.stdout
+    assert "1 images could not be decoded" in result.stdout
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert len(frame) == 4 and frame["image_id"].str.endswith((".jpg", ".png")).all()
+    good = frame[frame["error"] == ""]
+    assert len(good) == 3 and good["confidence"].between(0, 1).all()
+    assert (good["top5_probs"].str.split().str.len() == 5).all()
+    bad = frame[frame["error"] != ""]
+    assert bad["image_id"].str.endswith("broken.jpg").all() and (bad["predicted"] == "").all()
+    assert pd.read_csv(tmp_path / "labels_pool.csv")["images"].sum() == 4
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_predict_gives_the_probabilities_the_actors_gave_ensemble(ensemble_run, small_splits):
+    """The same weights and TenCrop through both paths: predict's top-1 confidence equals
+    the final ensemble's probability for the same stored image."""
+    run, _ = ensemble_run
+    checkpoints, weights, record = load_ensemble(str(run))
+    images = small_splits.val.images[:8]
+    (member,) = member_probabilities(
+        checkpoints, [images], tta=record["tta"], options=InferenceOptions()
+    )
+    expected = combine(member, weights)
+    batch = {"path": np.arange(8).astype(str), "image": np.asarray(images), "error": np.full(8, "")}
+    rows = next(
+        ensemble_top_k(
+            ray.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(8)]),
+            checkpoints,
+            weights,
+            tta=record["tta"],
+            options=InferenceOptions(),
+            top_k=3,
+        )
+    )
+    order = np.argsort(rows["path"].astype(int))
+    assert np.array_equal(rows["classes"][order][:, 0], expected.argmax(axis=1))
+    assert np.allclose(rows["probs"][order][:, 0], expected.max(axis=1), atol=1e-5)
 
 
 def test_member_resumes_from_its_checkpoint_after_an_injected_failure(
