@@ -17,6 +17,7 @@ import yaml
 from fake_autoscaler import FakeAutoscalingCluster
 from helpers import run_cli, write_image
 
+IMAGES = 600  # ten batches: enough work for the pool to grow
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 GPU_NODE = {
     "gpu_node": {
@@ -107,17 +108,19 @@ def test_inference_pool_grew_to_gpu_actors(ensembled):
 def test_predict_on_the_pool_labels_every_image_and_reports_bad_ones(cluster, ensembled, tmp_path):
     run, _ = ensembled
     images = tmp_path / "images"
-    for index in range(120):
+    for index in range(IMAGES):
         write_image(images / f"{index:03d}.jpg", (48, 40), seed=index)
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out = tmp_path / "labels.parquet"
+    # A fake node has one CPU, which the tasks that read and decode the files need; the
+    # actors hold only the GPU, as on a real GPU node they would leave its CPUs to decoding.
     result = run_cli(
-        *("predict", "--ensemble", str(run), "--images", str(images)),
+        *("predict", "--ensemble", str(run), "--images", str(images), "--cpus-per-actor", "0"),
         *("--out", str(out), "--address", cluster.address),
     )
     assert_ok(result)
     frame = pd.read_parquet(out)
-    assert len(frame) == 121 and frame["image_id"].is_unique
+    assert len(frame) == IMAGES + 1 and frame["image_id"].is_unique
     bad = frame[frame["error"] != ""]
     assert list(bad["image_id"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg"]
     assert "1 images could not be decoded" in result.stdout
