@@ -135,6 +135,8 @@ def _resources(
         if value is not None and value < 0:
             raise UserError(f"--{kind}-per-{per}={value:g} must be >= 0")
     resources = stated(cpus, gpus, inherited)
+    if resources.cpus + resources.gpus == 0:
+        raise UserError(f"--cpus-per-{per} and --gpus-per-{per} are both 0: a {unit} needs one")
     if cpus is None or gpus is None:
         flags = f"--cpus-per-{per} / --gpus-per-{per}"
         print(announce(unit, resources.describe(), origin, flags), flush=True)

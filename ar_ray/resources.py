@@ -24,8 +24,8 @@ class Resources:
     gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.cpus < 0 or self.gpus < 0 or self.cpus + self.gpus <= 0:
-            raise UserError(f"resources cpus={self.cpus}, gpus={self.gpus}: need >= 0, not both 0")
+        if self.cpus < 0 or self.gpus < 0:
+            raise UserError(f"resources cpus={self.cpus:g}, gpus={self.gpus:g} must be >= 0")
 
     def ray_options(self) -> dict[str, float]:
         """As `num_cpus`/`num_gpus` keyword arguments of tasks, actors and map_batches."""

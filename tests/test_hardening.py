@@ -139,6 +139,16 @@ def case_more_members_than_trials(tmp_path, tuned):
     return ["ensemble", "--from", str(tuned), "--members", "5"], "--members=5"
 
 
+def case_negative_gpus_per_trial(tmp_path, tuned):
+    args = ["tune", "--space", QUICK, "--gpus-per-trial", "-1", "--storage", str(tmp_path)]
+    return args, "--gpus-per-trial=-1"
+
+
+def case_inference_actor_without_resources(tmp_path, tuned):
+    args = ["ensemble", "--from", str(tuned), "--cpus-per-actor", "0", "--gpus-per-actor", "0"]
+    return args, "--cpus-per-actor and --gpus-per-actor are both 0"
+
+
 def case_unreachable_address(tmp_path, tuned):
     address = _closed_port()
     return ["tune", "--space", QUICK, "--address", address, "--storage", str(tmp_path)], address

@@ -26,9 +26,9 @@ def test_records_of_older_runs_without_resources_take_the_cpu_default():
     assert Resources.from_record({}, "cpus_per_actor", "gpus_per_actor") == Resources(1, 0)
 
 
-def test_a_request_for_nothing_is_refused():
+def test_negative_requests_are_refused():
     with pytest.raises(UserError):
-        Resources(cpus=0, gpus=0)
+        Resources(cpus=-1, gpus=0)
     assert Resources(cpus=0, gpus=1).ray_options() == {"num_cpus": 0, "num_gpus": 1}
 
 
