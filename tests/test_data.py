@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ar_ray.data import DataError, ImageSplit, load_builtin, load_dataset, load_folder
+from ar_ray.data import (
+    DataError,
+    ImageSplit,
+    load_builtin,
+    load_dataset,
+    load_folder,
+)
 from ar_ray.data.builtin import BUILTIN_PATH
+from ar_ray.data.splits import STATS_CHUNK
 
 SIZE = 16
 
@@ -54,11 +61,11 @@ def test_builtin_shapes_and_classes(builtin):
     assert builtin.classes[0] == "T-shirt/top" and builtin.classes[-1] == "Ankle boot"
     for split, count in ((builtin.train, 500), (builtin.val, 500), (builtin.test, 10000)):
         assert split.images.shape == (count, 3, 28, 28)
-        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+        assert split.images.dtype == np.uint8 and split.labels.dtype == np.int64
         assert len(split) == len(split.ids) == count
-        assert torch.equal(split.images[:, 0], split.images[:, 2])  # grey -> 3 equal channels
-    assert builtin.train.labels.bincount().tolist() == [50] * 10
-    assert builtin.val.labels.bincount().tolist() == [50] * 10
+        assert np.array_equal(split.images[:, 0], split.images[:, 2])  # grey -> 3 equal channels
+    assert np.bincount(builtin.train.labels).tolist() == [50] * 10
+    assert np.bincount(builtin.val.labels).tolist() == [50] * 10
     assert builtin.test.ids[42] == "builtin-test-00042"
     assert builtin.skipped == []
 
@@ -74,12 +81,12 @@ def test_builtin_resize():
     splits = load_dataset(None, image_size=36)
     assert splits.train.images.shape == (500, 3, 36, 36)
     assert splits.test.images.shape == (10000, 3, 36, 36)
-    assert splits.train.images.dtype == torch.uint8
+    assert splits.train.images.dtype == np.uint8
 
 
 def test_limit_per_class(builtin):
     small = builtin.limit_per_class(3, seed=1)
-    assert small.train.labels.bincount().tolist() == [3] * 10
+    assert np.bincount(small.train.labels).tolist() == [3] * 10
     assert len(small.val) == 30 and len(small.test) == 30
     assert small.train.ids == builtin.limit_per_class(3, seed=1).train.ids  # seeded
     assert small.train.ids != builtin.limit_per_class(3, seed=2).train.ids
@@ -88,11 +95,61 @@ def test_limit_per_class(builtin):
 
 
 def test_limit_per_class_unlabelled_keeps_n_times_classes():
-    images = torch.zeros(10, 3, 2, 2, dtype=torch.uint8)
+    images = np.zeros((10, 3, 2, 2), dtype=np.uint8)
     split = ImageSplit(images, None, [str(i) for i in range(10)])
     assert len(split.limit_per_class(2, num_classes=3)) == 6
     with pytest.raises(ValueError):
         split.limit_per_class(0)
+
+
+def _direct_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The whole set as float64 at once: the reference the streaming statistics must match."""
+    pixels = images.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+    return pixels.mean(axis=1), pixels.std(axis=1, ddof=1)
+
+
+def test_streaming_channel_stats_equal_direct_float64():
+    rng = np.random.default_rng(0)
+    count = 2 * STATS_CHUNK + 7  # several chunks, the last one partial
+    channels = [  # a different distribution per channel, so a channel mix-up shows
+        rng.integers(0, 256, (count, 5, 6)),
+        rng.integers(0, 40, (count, 5, 6)),
+        rng.binomial(255, 0.9, (count, 5, 6)),
+    ]
+    images = np.stack(channels, axis=1).astype(np.uint8)
+    stats = ImageSplit(images, None, [str(i) for i in range(count)]).channel_stats
+    mean, std = _direct_stats(images)
+    assert np.allclose(stats.mean, mean, rtol=1e-12, atol=0)
+    assert np.allclose(stats.std, std, rtol=1e-12, atol=0)
+
+
+def test_stats_are_the_limited_train_sets_and_travel_with_the_splits(builtin):
+    small = builtin.limit_per_class(3, seed=1)
+    mean, std = _direct_stats(small.train.images)
+    assert np.allclose(small.train.channel_stats.mean, mean, rtol=1e-12, atol=0)
+    assert np.allclose(small.train.channel_stats.std, std, rtol=1e-12, atol=0)
+    assert small.train.channel_stats != builtin.train.channel_stats
+    shipped = pickle.loads(pickle.dumps(small.for_training()))
+    assert "channel_stats" in vars(shipped.train)  # computed at build time, not by each trial
+    assert shipped.train.channel_stats == small.train.channel_stats
+
+
+def test_for_training_drops_only_the_test_split(builtin):
+    training = builtin.for_training()
+    assert training.test is None
+    assert training.train is builtin.train and training.val is builtin.val
+    assert training.classes == builtin.classes
+
+
+def test_a_chunk_pickles_as_only_its_rows(builtin):
+    test = builtin.test
+    chunk = np.ascontiguousarray(test.images[:64])
+    assert len(pickle.dumps(chunk)) <= 1.1 * chunk.nbytes
+    rows = test.rows(64, 128)
+    assert np.array_equal(rows.images, test.images[64:128]) and rows.ids == test.ids[64:128]
+    assert np.array_equal(rows.labels, test.labels[64:128])
+    assert rows.images.flags.writeable and not np.shares_memory(rows.images, test.images)
+    assert len(pickle.dumps(rows)) <= 1.1 * (rows.images.nbytes + rows.labels.nbytes)
 
 
 # ---------------------------------------------------------------- folder layout
@@ -110,7 +167,7 @@ def test_folder_mixed_images(tmp_path):
     splits = load_folder(root, SIZE)
     assert splits.classes == ["cat", "dog"] and splits.test is None
     assert splits.train.images.shape == (7, 3, SIZE, SIZE)
-    assert splits.train.images.dtype == torch.uint8
+    assert splits.train.images.dtype == np.uint8
     assert splits.train.ids == [
         "cat/0.jpg", "cat/1.jpg", "cat/grey.png", "dog/0.jpg", "dog/1.jpg", "dog/alpha.PNG",
         "dog/palette.gif",

@@ -185,8 +185,8 @@ def _split(
     hwc = np.stack([array for _, array in decoded])
     images = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))
     return ImageSplit(
-        images=torch.from_numpy(images),
-        labels=None if labels is None else torch.tensor(labels, dtype=torch.int64),
+        images=images,
+        labels=None if labels is None else np.array(labels, dtype=np.int64),
         ids=[path.relative_to(split_dir).as_posix() for path, _ in decoded],
     )
 
