@@ -222,7 +222,7 @@ def train_members(
     train_loop: Callable[[dict[str, Any]], None] = member_train_loop,
 ) -> dict[str, str]:
     """Train the unfinished members, as many at once as the cluster fits; return their status."""
-    splits_ref = ray.put(splits)
+    splits_ref = ray.put(splits.for_training())
     todo = [spec for spec in specs if not finished_member(options.root, spec)]
     status = {spec.member_id: "reused" for spec in specs if spec not in todo}
     if not todo:
