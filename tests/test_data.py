@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from ar_ray.data import (
     DataError,
     ImageSplit,
+    decode_image,
     load_builtin,
     load_dataset,
     load_folder,
@@ -215,6 +216,92 @@ def test_folder_limit_per_class_flat_test(tmp_path):
         _save(root / "test" / f"{i}.jpg")
     small = load_folder(root, SIZE).limit_per_class(1)
     assert len(small.train) == len(small.val) == 2 and len(small.test) == 2
+
+
+# ---------------------------------------------------------------- real-world image files
+
+RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255,) * 3
+
+
+def _pixel(image, row: int, col: int) -> np.ndarray:
+    return image.numpy()[:, row, col].astype(int)
+
+
+def _near(pixel: np.ndarray, colour: tuple[int, ...], tolerance: int = 30) -> bool:
+    return bool(np.abs(pixel - np.array(colour)).max() <= tolerance)
+
+
+def test_phone_mpo_jpeg_is_a_jpeg_and_its_first_frame_is_used(tmp_path):
+    root = _tree(tmp_path)
+    phone = root / "train" / "cat" / "phone.jpg"
+    depth = Image.new("RGB", (40, 30), BLUE)
+    Image.new("RGB", (40, 30), RED).save(phone, format="MPO", save_all=True, append_images=[depth])
+    with Image.open(phone) as opened:
+        assert opened.format == "MPO"
+    splits = load_folder(root, SIZE)
+    image = splits.train.images[splits.train.ids.index("cat/phone.jpg")]
+    assert _near(image[:, SIZE // 2, SIZE // 2].astype(int), RED)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = Image.new("RGB", (80, 40))  # quadrants of 40 x 20
+    for colour, box in ((RED, (0, 0)), (BLUE, (40, 0)), (GREEN, (0, 20)), (YELLOW, (40, 20))):
+        stored.paste(colour, (*box, box[0] + 40, box[1] + 20))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # shown rotated 90 degrees clockwise: 40 wide, 80 tall
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    image = decode_image(path, SIZE)  # the centre square of the upright photo
+    low, high = SIZE // 4, 3 * SIZE // 4
+    assert _near(_pixel(image, low, low), GREEN) and _near(_pixel(image, low, high), RED)
+    assert _near(_pixel(image, high, low), YELLOW) and _near(_pixel(image, high, high), BLUE)
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(path, quality=95)  # red ink
+    with Image.open(path) as opened:
+        assert opened.mode == "CMYK"
+    assert _near(_pixel(decode_image(path, SIZE), SIZE // 2, SIZE // 2), RED)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "scan.png"
+    pixels = np.full((SIZE, SIZE), 0x40FF, dtype=np.uint16)
+    pixels[:, SIZE // 2 :] = 0xC000
+    Image.fromarray(pixels).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "I;16"
+    image = decode_image(path, SIZE)
+    assert _pixel(image, 0, 0).tolist() == [0x40] * 3
+    assert _pixel(image, 0, SIZE - 1).tolist() == [0xC0] * 3  # PIL's convert alone gives 255
+
+
+def _half_transparent(mode: str, opaque: tuple[int, ...]) -> Image.Image:
+    """Left half fully transparent (black underneath), right half the opaque colour."""
+    if mode == "P":
+        image = Image.new("P", (20, 20), 0)
+        image.putpalette([0, 0, 0, *opaque])
+        image.paste(1, (10, 0, 20, 20))
+        image.info["transparency"] = 0
+        return image
+    image = Image.new(mode, (20, 20), (0,) * len(mode))
+    image.paste(opaque, (10, 0, 20, 20))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("mode", "opaque", "shown"),
+    [("P", RED, RED), ("RGBA", (*GREEN, 255), GREEN), ("LA", (100, 255), (100,) * 3)],
+)
+def test_transparent_png_is_composited_on_white(tmp_path, mode, opaque, shown):
+    path = tmp_path / "logo.png"
+    _half_transparent(mode, opaque).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode
+    image = decode_image(path, SIZE)
+    assert _pixel(image, SIZE // 2, 2).tolist() == list(WHITE)
+    assert _near(_pixel(image, SIZE // 2, SIZE - 3), shown, tolerance=2)
 
 
 # ---------------------------------------------------------------- errors

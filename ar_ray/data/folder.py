@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ar_ray.data.splits import DataError, DatasetSplits, ImageSplit
 
@@ -108,16 +108,20 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-FORMAT_OF_EXTENSION = {
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".png": "PNG",
-    ".bmp": "BMP",
-    ".webp": "WEBP",
-    ".gif": "GIF",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
+# What PIL may call a file with that extension: phone cameras save JPEGs as MPO (a JPEG
+# whose first frame is the photo, followed by e.g. a depth or preview frame).
+FORMATS_OF_EXTENSION = {
+    ".jpg": ("JPEG", "MPO"),
+    ".jpeg": ("JPEG", "MPO"),
+    ".png": ("PNG",),
+    ".bmp": ("BMP",),
+    ".webp": ("WEBP",),
+    ".gif": ("GIF",),
+    ".tif": ("TIFF",),
+    ".tiff": ("TIFF",),
 }
+WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+WHITE = (255, 255, 255, 255)
 
 
 class MislabelledImage(ValueError):
@@ -125,17 +129,38 @@ class MislabelledImage(ValueError):
     tools other than PIL (e.g. JPEG-only decoders on the cluster) would fail on it."""
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, keeping what a viewer would show.
+
+    16-bit greyscale ("I;16", and "I" holding 16-bit values) is scaled to 8 bits by its top
+    byte: PIL's own convert clips every value above 255 to white. Transparent images (RGBA,
+    LA, PA, palette or RGB with a transparent colour) are composited on white rather than
+    having the alpha dropped, which would expose whatever colour the invisible pixels hold
+    (often black, or noise). CMYK and the other modes take PIL's conversion.
+    """
+    if image.mode in WIDE_INTEGER_MODES:
+        top_byte = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(top_byte.astype(np.uint8), "L")
+    if image.has_transparency_data:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def _decode(path: Path, size: int) -> np.ndarray:
-    """One full decode per file; `load()` forces truncated data to raise instead of passing."""
+    """One full decode per file; `load()` forces truncated data to raise instead of passing.
+
+    EXIF orientation is applied, so a phone photo is learnt upright, as it is displayed.
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF chatter
+        warnings.simplefilter("ignore")  # PIL's EXIF chatter
         with Image.open(path) as image:
-            expected = FORMAT_OF_EXTENSION.get(path.suffix.lower())
-            if expected and image.format != expected:
+            expected = FORMATS_OF_EXTENSION.get(path.suffix.lower())
+            if expected and image.format not in expected:
                 raise MislabelledImage(f"holds {image.format} data but is named {path.suffix}")
             image.draft(None, (size, size))  # JPEG: decode at a reduced scale that is >= size
             image.load()
-            rgb = image.convert("RGB")
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = _to_rgb(image)
     return np.asarray(_resize_center_crop(rgb, size))  # HWC; made CHW once, for the whole split
 
 
