@@ -219,7 +219,7 @@ def run_ensemble(
         checkpoints, parts, tta=request.tta, options=request.inference_options(), tally=tally
     )
     atomic_write_csv(stage / "inference_pool.csv", tally.frame())
-    val_labels = splits.val.labels.numpy()
+    val_labels = splits.val.labels
     fitted = fit_all(val, val_labels, request.greedy_size)
     chosen = choose(fitted, val, val_labels)
     rows = _metric_rows("val", val, val_labels, names, fitted, chosen)
@@ -229,7 +229,7 @@ def run_ensemble(
     if splits.test is not None:
         test = tested[0]
         final_test = combine(test, fitted[chosen])
-        test_labels = None if splits.test.labels is None else splits.test.labels.numpy()
+        test_labels = None if splits.test.labels is None else splits.test.labels
         frame = predictions_frame(final_test, splits.test.ids, splits.classes, test_labels)
         atomic_write_csv(stage / "predictions.csv", frame)
         if splits.test.labels is None:

@@ -153,10 +153,11 @@ class PoolTally:
         return pd.DataFrame(rows, columns=[*IDENTITY, "images"])
 
 
-def array_dataset(parts: list[np.ndarray], block_rows: int) -> ray.data.Dataset:
-    """In-memory image arrays as blocks of their own rows, each row tagged with its index
-    in the concatenation of `parts`: one dataset, so one pool serves val and test. Blocks
-    of one batch let the pool spread the work over as many actors as it grows to."""
+def row_blocks(parts: list[np.ndarray], block_rows: int) -> list[pa.Table]:
+    """In-memory image arrays cut into blocks that hold copies of their own rows only, each
+    row tagged with its index in the concatenation of `parts` (so one pool serves val and
+    test). Blocks of one batch let the pool spread the work over as many actors as it
+    grows to."""
     blocks = []
     offset = 0
     for images in parts:
@@ -165,7 +166,7 @@ def array_dataset(parts: list[np.ndarray], block_rows: int) -> ray.data.Dataset:
             index = np.arange(offset + start, offset + start + len(rows))
             blocks.append(pa.table({"index": index, "image": ArrowTensorArray.from_numpy(rows)}))
         offset += len(images)
-    return ray.data.from_arrow(blocks)
+    return blocks
 
 
 def member_probabilities(
@@ -181,7 +182,7 @@ def member_probabilities(
     if sum(sizes) == 0:
         raise ValueError("no images to predict")
     quiet_ray_data()
-    predicted = array_dataset(parts, options.batch_size).map_batches(
+    predicted = ray.data.from_arrow(row_blocks(parts, options.batch_size)).map_batches(
         EnsemblePredictor,
         fn_constructor_args=(checkpoint_sources(checkpoints), tta),
         **options.map_batches_args(),

@@ -266,7 +266,7 @@ def train_members(
     status = {spec.member_id: "reused" for spec in specs if spec not in todo}
     if not todo:
         return status
-    splits_ref = ray.put(splits)
+    splits_ref = ray.put(splits.for_training())
     backend = ddp_backend(options.worker)
     pool = ThreadPoolExecutor(max_workers=min(len(todo), options.max_concurrent or len(todo)))
     progress = MemberProgress().start()

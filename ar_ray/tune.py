@@ -109,8 +109,8 @@ def experiment_dir(request: TuneRequest) -> str:
 
 
 def trial_trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest):
-    """run_trial with the data shared through the object store and per-trial resources."""
-    trainable = tune.with_parameters(run_trial, splits=splits, base=base.to_dict())
+    """run_trial with train+val shared through the object store and per-trial resources."""
+    trainable = tune.with_parameters(run_trial, splits=splits.for_training(), base=base.to_dict())
     resources = trial_resources(request)
     return tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
 

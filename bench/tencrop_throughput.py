@@ -69,6 +69,8 @@ def make_checkpoint(path: Path) -> None:
 
 def local_seconds(checkpoint: str, count: int) -> dict[str, float]:
     """Seconds for centre crop and for TenCrop over `count` test images, in this process."""
+    import torch
+
     from ar_ray.inference import CHUNK
     from ar_ray.recipe.augment import predict_probabilities
     from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -76,7 +78,7 @@ def local_seconds(checkpoint: str, count: int) -> dict[str, float]:
     state = load_checkpoint(Path(checkpoint))
     model = inference_model(state)
     size = int(state["config"]["image_size"])
-    images = bench_splits(None).test.images[:count]
+    images = torch.from_numpy(bench_splits(None).test.rows(0, count).images)
     seconds = {}
     for tta in ("center", "tencrop"):
         predict_probabilities(model, images[:CHUNK], size, tta)  # warm-up: first allocations
@@ -91,10 +93,11 @@ def driver_run(checkpoint: str, count: int, actors: int) -> dict[str, float]:
     """One `run_predictors` call as a user's driver makes it; its time and the driver's RSS."""
     start_ray()
     import ray
+    import torch
 
     from ar_ray.inference import run_predictors
 
-    images = bench_splits(None).test.images[:count]
+    images = torch.from_numpy(bench_splits(None).test.rows(0, count).images)
     windowed = start_peak_window()
     before = rss_mb("VmRSS") if windowed else lifetime_peak_mb()
     started = time.perf_counter()

@@ -1,5 +1,8 @@
 """Training transforms, batch mixing and TenCrop evaluation."""
 
+import warnings
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,13 +69,18 @@ def test_tencrop_averages_the_ten_crops():
     assert predict_probabilities(MeanColourNet(), images, 24, "tencrop").shape == (2, 4)
 
 
-def test_train_transform_and_two_views():
+def test_train_transform_and_two_views_of_a_read_only_shared_array():
     config = RunConfig(image_size=24, policy="randaugment", erasing_p=1.0)
-    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
-    dataset = AugmentedViews(images, torch.arange(4), build_train_transform(config), views=2)
-    views, label = dataset[1]
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
+    images.flags.writeable = False  # as numpy arrays come out of Ray's object store
+    original = images.copy()
+    dataset = AugmentedViews(images, np.arange(4), build_train_transform(config), views=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when handed a non-writable array
+        views, label = dataset[1]
     assert views.shape == (2, 3, 24, 24) and views.dtype == torch.uint8 and label == 1
     assert not torch.equal(views[0], views[1])
+    assert np.array_equal(images, original)
 
 
 def test_mixer_shares_partner_and_lambda_across_views():

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
-from ar_ray.data import DataError, ImageSplit, load_builtin, load_dataset, load_folder
+from ar_ray.data import (
+    DataError,
+    ImageSplit,
+    decode_image,
+    load_builtin,
+    load_dataset,
+    load_folder,
+)
 from ar_ray.data.builtin import BUILTIN_PATH
+from ar_ray.data.splits import STATS_CHUNK
 
 SIZE = 16
 
@@ -54,11 +62,11 @@ def test_builtin_shapes_and_classes(builtin):
     assert builtin.classes[0] == "T-shirt/top" and builtin.classes[-1] == "Ankle boot"
     for split, count in ((builtin.train, 500), (builtin.val, 500), (builtin.test, 10000)):
         assert split.images.shape == (count, 3, 28, 28)
-        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+        assert split.images.dtype == np.uint8 and split.labels.dtype == np.int64
         assert len(split) == len(split.ids) == count
-        assert torch.equal(split.images[:, 0], split.images[:, 2])  # grey -> 3 equal channels
-    assert builtin.train.labels.bincount().tolist() == [50] * 10
-    assert builtin.val.labels.bincount().tolist() == [50] * 10
+        assert np.array_equal(split.images[:, 0], split.images[:, 2])  # grey -> 3 equal channels
+    assert np.bincount(builtin.train.labels).tolist() == [50] * 10
+    assert np.bincount(builtin.val.labels).tolist() == [50] * 10
     assert builtin.test.ids[42] == "builtin-test-00042"
     assert builtin.skipped == []
 
@@ -74,12 +82,12 @@ def test_builtin_resize():
     splits = load_dataset(None, image_size=36)
     assert splits.train.images.shape == (500, 3, 36, 36)
     assert splits.test.images.shape == (10000, 3, 36, 36)
-    assert splits.train.images.dtype == torch.uint8
+    assert splits.train.images.dtype == np.uint8
 
 
 def test_limit_per_class(builtin):
     small = builtin.limit_per_class(3, seed=1)
-    assert small.train.labels.bincount().tolist() == [3] * 10
+    assert np.bincount(small.train.labels).tolist() == [3] * 10
     assert len(small.val) == 30 and len(small.test) == 30
     assert small.train.ids == builtin.limit_per_class(3, seed=1).train.ids  # seeded
     assert small.train.ids != builtin.limit_per_class(3, seed=2).train.ids
@@ -88,11 +96,61 @@ def test_limit_per_class(builtin):
 
 
 def test_limit_per_class_unlabelled_keeps_n_times_classes():
-    images = torch.zeros(10, 3, 2, 2, dtype=torch.uint8)
+    images = np.zeros((10, 3, 2, 2), dtype=np.uint8)
     split = ImageSplit(images, None, [str(i) for i in range(10)])
     assert len(split.limit_per_class(2, num_classes=3)) == 6
     with pytest.raises(ValueError):
         split.limit_per_class(0)
+
+
+def _direct_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The whole set as float64 at once: the reference the streaming statistics must match."""
+    pixels = images.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+    return pixels.mean(axis=1), pixels.std(axis=1, ddof=1)
+
+
+def test_streaming_channel_stats_equal_direct_float64():
+    rng = np.random.default_rng(0)
+    count = 2 * STATS_CHUNK + 7  # several chunks, the last one partial
+    channels = [  # a different distribution per channel, so a channel mix-up shows
+        rng.integers(0, 256, (count, 5, 6)),
+        rng.integers(0, 40, (count, 5, 6)),
+        rng.binomial(255, 0.9, (count, 5, 6)),
+    ]
+    images = np.stack(channels, axis=1).astype(np.uint8)
+    stats = ImageSplit(images, None, [str(i) for i in range(count)]).channel_stats
+    mean, std = _direct_stats(images)
+    assert np.allclose(stats.mean, mean, rtol=1e-12, atol=0)
+    assert np.allclose(stats.std, std, rtol=1e-12, atol=0)
+
+
+def test_stats_are_the_limited_train_sets_and_travel_with_the_splits(builtin):
+    small = builtin.limit_per_class(3, seed=1)
+    mean, std = _direct_stats(small.train.images)
+    assert np.allclose(small.train.channel_stats.mean, mean, rtol=1e-12, atol=0)
+    assert np.allclose(small.train.channel_stats.std, std, rtol=1e-12, atol=0)
+    assert small.train.channel_stats != builtin.train.channel_stats
+    shipped = pickle.loads(pickle.dumps(small.for_training()))
+    assert "channel_stats" in vars(shipped.train)  # computed at build time, not by each trial
+    assert shipped.train.channel_stats == small.train.channel_stats
+
+
+def test_for_training_drops_only_the_test_split(builtin):
+    training = builtin.for_training()
+    assert training.test is None
+    assert training.train is builtin.train and training.val is builtin.val
+    assert training.classes == builtin.classes
+
+
+def test_a_chunk_pickles_as_only_its_rows(builtin):
+    test = builtin.test
+    chunk = np.ascontiguousarray(test.images[:64])
+    assert len(pickle.dumps(chunk)) <= 1.1 * chunk.nbytes
+    rows = test.rows(64, 128)
+    assert np.array_equal(rows.images, test.images[64:128]) and rows.ids == test.ids[64:128]
+    assert np.array_equal(rows.labels, test.labels[64:128])
+    assert rows.images.flags.writeable and not np.shares_memory(rows.images, test.images)
+    assert len(pickle.dumps(rows)) <= 1.1 * (rows.images.nbytes + rows.labels.nbytes)
 
 
 # ---------------------------------------------------------------- folder layout
@@ -110,7 +168,7 @@ def test_folder_mixed_images(tmp_path):
     splits = load_folder(root, SIZE)
     assert splits.classes == ["cat", "dog"] and splits.test is None
     assert splits.train.images.shape == (7, 3, SIZE, SIZE)
-    assert splits.train.images.dtype == torch.uint8
+    assert splits.train.images.dtype == np.uint8
     assert splits.train.ids == [
         "cat/0.jpg", "cat/1.jpg", "cat/grey.png", "dog/0.jpg", "dog/1.jpg", "dog/alpha.PNG",
         "dog/palette.gif",
@@ -158,6 +216,92 @@ def test_folder_limit_per_class_flat_test(tmp_path):
         _save(root / "test" / f"{i}.jpg")
     small = load_folder(root, SIZE).limit_per_class(1)
     assert len(small.train) == len(small.val) == 2 and len(small.test) == 2
+
+
+# ---------------------------------------------------------------- real-world image files
+
+RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255,) * 3
+
+
+def _pixel(image, row: int, col: int) -> np.ndarray:
+    return image[:, row, col].astype(int)
+
+
+def _near(pixel: np.ndarray, colour: tuple[int, ...], tolerance: int = 30) -> bool:
+    return bool(np.abs(pixel - np.array(colour)).max() <= tolerance)
+
+
+def test_phone_mpo_jpeg_is_a_jpeg_and_its_first_frame_is_used(tmp_path):
+    root = _tree(tmp_path)
+    phone = root / "train" / "cat" / "phone.jpg"
+    depth = Image.new("RGB", (40, 30), BLUE)
+    Image.new("RGB", (40, 30), RED).save(phone, format="MPO", save_all=True, append_images=[depth])
+    with Image.open(phone) as opened:
+        assert opened.format == "MPO"
+    splits = load_folder(root, SIZE)
+    image = splits.train.images[splits.train.ids.index("cat/phone.jpg")]
+    assert _near(image[:, SIZE // 2, SIZE // 2].astype(int), RED)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = Image.new("RGB", (80, 40))  # quadrants of 40 x 20
+    for colour, box in ((RED, (0, 0)), (BLUE, (40, 0)), (GREEN, (0, 20)), (YELLOW, (40, 20))):
+        stored.paste(colour, (*box, box[0] + 40, box[1] + 20))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # shown rotated 90 degrees clockwise: 40 wide, 80 tall
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    image = decode_image(path, SIZE)  # the centre square of the upright photo
+    low, high = SIZE // 4, 3 * SIZE // 4
+    assert _near(_pixel(image, low, low), GREEN) and _near(_pixel(image, low, high), RED)
+    assert _near(_pixel(image, high, low), YELLOW) and _near(_pixel(image, high, high), BLUE)
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(path, quality=95)  # red ink
+    with Image.open(path) as opened:
+        assert opened.mode == "CMYK"
+    assert _near(_pixel(decode_image(path, SIZE), SIZE // 2, SIZE // 2), RED)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "scan.png"
+    pixels = np.full((SIZE, SIZE), 0x40FF, dtype=np.uint16)
+    pixels[:, SIZE // 2 :] = 0xC000
+    Image.fromarray(pixels).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "I;16"
+    image = decode_image(path, SIZE)
+    assert _pixel(image, 0, 0).tolist() == [0x40] * 3
+    assert _pixel(image, 0, SIZE - 1).tolist() == [0xC0] * 3  # PIL's convert alone gives 255
+
+
+def _half_transparent(mode: str, opaque: tuple[int, ...]) -> Image.Image:
+    """Left half fully transparent (black underneath), right half the opaque colour."""
+    if mode == "P":
+        image = Image.new("P", (20, 20), 0)
+        image.putpalette([0, 0, 0, *opaque])
+        image.paste(1, (10, 0, 20, 20))
+        image.info["transparency"] = 0
+        return image
+    image = Image.new(mode, (20, 20), (0,) * len(mode))
+    image.paste(opaque, (10, 0, 20, 20))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("mode", "opaque", "shown"),
+    [("P", RED, RED), ("RGBA", (*GREEN, 255), GREEN), ("LA", (100, 255), (100,) * 3)],
+)
+def test_transparent_png_is_composited_on_white(tmp_path, mode, opaque, shown):
+    path = tmp_path / "logo.png"
+    _half_transparent(mode, opaque).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode
+    image = decode_image(path, SIZE)
+    assert _pixel(image, SIZE // 2, 2).tolist() == list(WHITE)
+    assert _near(_pixel(image, SIZE // 2, SIZE - 3), shown, tolerance=2)
 
 
 # ---------------------------------------------------------------- errors

@@ -1,10 +1,12 @@
 """engine.fit on the built-in data: it learns, and resuming reproduces the same weights."""
 
 import io
+import warnings
 
 import torch
 
 from ar_ray.config import RunConfig
+from ar_ray.data import DatasetSplits, ImageSplit
 from ar_ray.recipe.checkpoint import inference_model
 from ar_ray.recipe.engine import evaluate, fit
 
@@ -54,3 +56,27 @@ def test_different_seeds_give_different_weights(small_splits):
     first = fit(config, small_splits).state["model"]
     second = fit(config.replace(seed=1), small_splits).state["model"]
     assert not torch.equal(first["classifier.weight"], second["classifier.weight"])
+
+
+def _read_only(split: ImageSplit) -> ImageSplit:
+    """A copy of `split` whose arrays are read-only, as Ray's object store hands them out."""
+    images, labels = split.images.copy(), split.labels.copy()
+    images.flags.writeable = labels.flags.writeable = False
+    return ImageSplit(images, labels, list(split.ids))
+
+
+def test_fit_and_evaluate_take_read_only_arrays_as_trials_get_them(small_splits):
+    shared = DatasetSplits(
+        train=_read_only(small_splits.train),
+        val=_read_only(small_splits.val),
+        test=None,
+        classes=small_splits.classes,
+    )
+    config = RunConfig(epochs=1, batch_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(config, shared)
+        evaluate(result.model, shared.val, config.image_size, "tencrop")
+    assert not [w for w in caught if "writable" in str(w.message)]
+    built_with_the_splits = torch.tensor(shared.train.channel_stats.mean)
+    assert torch.allclose(result.model.mean.flatten(), built_with_the_splits)

@@ -102,7 +102,7 @@ def test_actor_tencrop_equals_local_tencrop(ensemble_run, small_splits):
     (remote,) = member_probabilities(checkpoints, [images], tta="tencrop", options=pool)
     for index, location in enumerate(checkpoints):
         model = inference_model(load_checkpoint(Path(location)))
-        local = predict_probabilities(model, images, 28, "tencrop").numpy()
+        local = predict_probabilities(model, torch.from_numpy(images), 28, "tencrop").numpy()
         assert np.allclose(remote[index], local, atol=1e-5)
 
 

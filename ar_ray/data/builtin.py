@@ -18,17 +18,17 @@ BUILTIN_PATH = Path(__file__).with_name("builtin") / "fashion_mnist_fewshot.npz"
 NATIVE_SIZE = 28
 
 
-def _to_rgb(grey: np.ndarray, image_size: int) -> torch.Tensor:
+def _to_rgb(grey: np.ndarray, image_size: int) -> np.ndarray:
     """Grey [N, H, W] -> uint8 [N, 3, S, S]; resizing the single channel first is 3x cheaper."""
     images = torch.from_numpy(grey).unsqueeze(1)
     if image_size != NATIVE_SIZE:
         images = TF.resize(images, [image_size, image_size], antialias=True)
     # Materialise the channels: an expanded view would alias, and in-place edits would corrupt it.
-    return images.expand(-1, 3, -1, -1).contiguous()
+    return images.expand(-1, 3, -1, -1).contiguous().numpy()
 
 
 def _split(data: np.lib.npyio.NpzFile, name: str, image_size: int) -> ImageSplit:
-    labels = torch.from_numpy(data[f"{name}_labels"].astype(np.int64))
+    labels = data[f"{name}_labels"].astype(np.int64)
     return ImageSplit(
         images=_to_rgb(data[f"{name}_images"], image_size),
         labels=labels,

@@ -13,8 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ar_ray.data.splits import DataError, DatasetSplits, ImageSplit
 
@@ -110,16 +109,20 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-FORMAT_OF_EXTENSION = {
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".png": "PNG",
-    ".bmp": "BMP",
-    ".webp": "WEBP",
-    ".gif": "GIF",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
+# What PIL may call a file with that extension: phone cameras save JPEGs as MPO (a JPEG
+# whose first frame is the photo, followed by e.g. a depth or preview frame).
+FORMATS_OF_EXTENSION = {
+    ".jpg": ("JPEG", "MPO"),
+    ".jpeg": ("JPEG", "MPO"),
+    ".png": ("PNG",),
+    ".bmp": ("BMP",),
+    ".webp": ("WEBP",),
+    ".gif": ("GIF",),
+    ".tif": ("TIFF",),
+    ".tiff": ("TIFF",),
 }
+WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+WHITE = (255, 255, 255, 255)
 
 
 class MislabelledImage(ValueError):
@@ -127,27 +130,48 @@ class MislabelledImage(ValueError):
     tools other than PIL (e.g. JPEG-only decoders on the cluster) would fail on it."""
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, keeping what a viewer would show.
+
+    16-bit greyscale ("I;16", and "I" holding 16-bit values) is scaled to 8 bits by its top
+    byte: PIL's own convert clips every value above 255 to white. Transparent images (RGBA,
+    LA, PA, palette or RGB with a transparent colour) are composited on white rather than
+    having the alpha dropped, which would expose whatever colour the invisible pixels hold
+    (often black, or noise). CMYK and the other modes take PIL's conversion.
+    """
+    if image.mode in WIDE_INTEGER_MODES:
+        top_byte = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(top_byte.astype(np.uint8), "L")
+    if image.has_transparency_data:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def _decode(source: Path | BinaryIO, suffix: str, size: int) -> np.ndarray:
-    """One full decode per file; `load()` forces truncated data to raise instead of passing."""
+    """One full decode per file; `load()` forces truncated data to raise instead of passing.
+
+    EXIF orientation is applied, so a phone photo is learnt upright, as it is displayed.
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF chatter
+        warnings.simplefilter("ignore")  # PIL's EXIF chatter
         with Image.open(source) as image:
-            expected = FORMAT_OF_EXTENSION.get(suffix.lower())
-            if expected and image.format != expected:
+            expected = FORMATS_OF_EXTENSION.get(suffix.lower())
+            if expected and image.format not in expected:
                 raise MislabelledImage(f"holds {image.format} data but is named {suffix}")
             image.draft(None, (size, size))  # JPEG: decode at a reduced scale that is >= size
             image.load()
-            rgb = image.convert("RGB")
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = _to_rgb(image)
     return np.asarray(_resize_center_crop(rgb, size))  # HWC; made CHW once, for the whole split
 
 
-def decode_image(path: Path, size: int) -> torch.Tensor:
+def decode_image(path: Path, size: int) -> np.ndarray:
     """One image file as uint8 CHW at `size`, decoded exactly as the training images were."""
     try:
         array = _decode(path, path.suffix, size)
     except DECODE_ERRORS as error:
         raise DataError(_bad_image_message(path, error)) from error
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
 def decode_image_bytes(data: bytes, name: str, size: int) -> np.ndarray:
@@ -203,8 +227,8 @@ def _split(
     hwc = np.stack([array for _, array in decoded])
     images = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))
     return ImageSplit(
-        images=torch.from_numpy(images),
-        labels=None if labels is None else torch.tensor(labels, dtype=torch.int64),
+        images=images,
+        labels=None if labels is None else np.array(labels, dtype=np.int64),
         ids=[path.relative_to(split_dir).as_posix() for path, _ in decoded],
     )
 

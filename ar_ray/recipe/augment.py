@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,17 +46,22 @@ class AugmentedViews(Dataset):
     """In-memory uint8 images served as `views` independent augmentations of each image.
 
     Two views feed contrastive regularisation; with CR off one view saves half the compute.
+    The arrays may be the read-only object-store buffer every process on a node shares, so
+    each image is copied before torch sees it: transforms can never write into the shared copy.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Callable, views: int) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: Callable, views: int
+    ) -> None:
         self.images, self.labels, self.transform, self.views = images, labels, transform, views
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = self.images[index]
-        return torch.stack([self.transform(image) for _ in range(self.views)]), self.labels[index]
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = torch.from_numpy(self.images[index].copy())
+        views = torch.stack([self.transform(image) for _ in range(self.views)])
+        return views, int(self.labels[index])
 
 
 BatchMixer = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]

@@ -58,12 +58,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    pixels = images.float().div_(255.0).transpose(0, 1).reshape(3, -1)
-    return pixels.mean(dim=1), pixels.std(dim=1)
-
-
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up, then cosine decay to zero over the remaining steps."""
     if step < warmup_steps:
@@ -128,8 +122,9 @@ def evaluate(model: nn.Module, split: ImageSplit, image_size: int, tta: str) -> 
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, count
     batch = EVAL_CROPS // CROPS_PER_IMAGE[tta]
     for start in range(rank * batch, len(split), batch * world):
-        images = split.images[start : start + batch]
-        labels = split.labels[start : start + batch].to(device)
+        chunk = split.rows(start, start + batch)  # writable copies: torch may take them as-is
+        images = torch.from_numpy(chunk.images)
+        labels = torch.from_numpy(chunk.labels).to(device)
         probs = predict_probabilities(model, images, image_size, tta)
         totals[0] += (probs.argmax(dim=1) == labels).sum()
         totals[1] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
@@ -149,7 +144,8 @@ class _Run:
         self.rank, self.world = _world()
         torch.manual_seed(config.seed)
         self.model = ARNet(config, splits.num_classes)
-        self.model.set_normalization(*channel_stats(splits.train.images))
+        stats = splits.train.channel_stats  # computed once, when the splits were built
+        self.model.set_normalization(torch.tensor(stats.mean), torch.tensor(stats.std))
         self.model.to(device)
         if device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)

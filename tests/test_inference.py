@@ -1,0 +1,19 @@
+"""What crosses process boundaries on the way to the inference actors."""
+
+import pickle
+
+import numpy as np
+
+from ar_ray.inference import row_blocks
+
+
+def test_blocks_carry_only_their_own_rows_and_know_where_they_belong():
+    val = np.random.default_rng(0).integers(0, 256, (1000, 3, 28, 28), dtype=np.uint8)
+    test = val[:130] // 2
+    blocks = row_blocks([val, test], block_rows=64)
+    rows_bytes = 64 * 3 * 28 * 28
+    assert all(len(pickle.dumps(block)) <= 1.1 * rows_bytes for block in blocks)
+    index = np.concatenate([block["index"].to_numpy() for block in blocks])
+    assert np.array_equal(index, np.arange(1130))
+    images = np.concatenate([block["image"].chunk(0).to_numpy() for block in blocks])
+    assert np.array_equal(images[:1000], val) and np.array_equal(images[1000:], test)
