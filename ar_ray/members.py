@@ -131,9 +131,8 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
     config = RunConfig.from_dict(loop_config["config"])
     splits = ray.get(loop_config["splits"])
     context = ray.train.get_context()
-    progress: ProgressHandle | None = loop_config.get("progress")
-    if progress is not None:
-        show_progress = progress.reporter(loop_config["member_id"], config.epochs)
+    progress: ProgressHandle | None = loop_config.get("progress")  # None: called directly
+    show_progress = progress and progress.reporter(loop_config["member_id"], config.epochs)
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -148,7 +147,7 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
             save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if progress is not None:
+        if show_progress:
             show_progress(metrics)
 
     fit(
