@@ -6,6 +6,7 @@ separate raylets; `ar-ray` joins it with `--address`, as it would join a cloud c
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import run_cli
+from helpers import run_cli, write_image
 from ray.cluster_utils import Cluster
 
 from ar_ray.recipe.checkpoint import load_checkpoint
@@ -122,7 +123,7 @@ def test_tune_survives_losing_a_worker_node(cluster, tmp_path):
     assert _trial_nodes(experiment) - set(workers)  # some epochs ran on the new node
 
 
-def test_member_resumes_on_a_new_node_after_losing_its_node(cluster, tmp_path):
+def test_member_then_predict_carry_on_after_losing_nodes(cluster, tmp_path):
     tune = run_cli(*_tune_args(tmp_path, "m", cluster.address, trials=1, epochs=1))
     assert tune.returncode == 0, tune.stderr[-3000:]
     epochs = 4
@@ -164,3 +165,41 @@ def test_member_resumes_on_a_new_node_after_losing_its_node(cluster, tmp_path):
     assert history[0]["node"] == node and history[-1]["node"] != node
     row = pd.read_csv(tmp_path / "m" / "ensemble" / "members.csv").iloc[0]
     assert row["epochs_trained"] == epochs and len(row["node"].split()) >= 2
+
+    _predict_survives_losing_every_node_it_started_on(cluster, tmp_path / "m", tmp_path)
+
+
+def _predict_survives_losing_every_node_it_started_on(cluster, run: Path, tmp_path: Path):
+    """Both worker nodes die mid-predict; Ray Data retries their batches on new nodes, and
+    the output still has every image exactly once."""
+    images = tmp_path / "photos"
+    count = 400
+    for index in range(count):
+        write_image(images / f"{index:03d}.jpg", (36, 36), seed=index)
+    out = tmp_path / "labels.csv"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ar_ray.cli", "predict", "--ensemble", str(run)]
+        + ["--images", str(images), "--out", str(out), "--address", cluster.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen = []
+    for line in driver.stdout:  # the first progress line: the pool is at work
+        seen.append(line)
+        if line.startswith("scored"):
+            break
+    else:
+        raise AssertionError(f"predict ended before scoring: {''.join(seen)[-3000:]}")
+    old = _worker_nodes(cluster)
+    for _ in old:
+        cluster.add_node(num_cpus=1)
+    for node in old.values():
+        cluster.remove_node(node, allow_graceful=False)
+    output, _ = driver.communicate(timeout=DEADLINE)
+    assert driver.returncode == 0, "".join(seen) + output[-3000:]
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert len(frame) == count and frame["image_id"].is_unique and (frame["error"] == "").all()
+    pool = pd.read_csv(tmp_path / "labels_pool.csv")
+    assert set(pool["node"]) - set(old)  # work went on on the nodes that replaced them
