@@ -26,8 +26,9 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", type=Path, help="VIPriors/ImageFolder root (default: built-in Fashion-MNIST)"
+    parser.add_argument(  # a str: a Path would turn s3://bucket into s3:/bucket
+        "--data",
+        help="VIPriors/ImageFolder root: folder, s3:// or gs:// (default: built-in Fashion-MNIST)",
     )
     parser.add_argument(
         "--skip-bad-images", action="store_true", help="skip and list unreadable images"
@@ -208,7 +209,7 @@ def _tune(args: argparse.Namespace) -> int:
         space=str(args.space),
         trials=args.trials,
         epochs=args.epochs,
-        data=None if args.data is None else str(args.data),
+        data=args.data,
         limit_per_class=args.limit_per_class,
         storage=args.storage,
         name=args.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,13 @@ def run_cli(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A port nothing listens on (it was free a moment ago): an unreachable service."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def assert_user_error(result: subprocess.CompletedProcess, culprit: str) -> None:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import ray
 import yaml
-from helpers import assert_user_error, make_image_folder, run_cli, write_image
+from helpers import assert_user_error, free_port, make_image_folder, run_cli, write_image
 
 from ar_ray.recipe.checkpoint import load_checkpoint
 from ar_ray.search_space import load_search_space
@@ -43,14 +43,6 @@ def _yaml(tmp_path, text, name="space.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def _closed_port() -> str:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 def case_corrupt_jpeg(tmp_path, tuned):
@@ -150,7 +142,7 @@ def case_inference_actor_without_resources(tmp_path, tuned):
 
 
 def case_unreachable_address(tmp_path, tuned):
-    address = _closed_port()
+    address = f"127.0.0.1:{free_port()}"
     return ["tune", "--space", QUICK, "--address", address, "--storage", str(tmp_path)], address
 
 
