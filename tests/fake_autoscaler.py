@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,9 @@ import time
 from pathlib import Path
 
 import psutil
+from helpers import free_port
 
 HEAD_TYPE = "ray.head.default"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def cluster_config(
@@ -76,7 +70,7 @@ class FakeAutoscalingCluster:
     """A head with `head_cpus` and autoscaled worker types; `.address` for `--address`."""
 
     def __init__(self, worker_types: dict, head_cpus: int = 0, idle_minutes: float = 1.0):
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.config = cluster_config(worker_types, {"CPU": head_cpus}, idle_minutes, self.address)
         self.head_cpus = head_cpus
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ar-ray-fake-"))

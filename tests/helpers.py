@@ -43,7 +43,8 @@ def run_cli(
 
 
 def free_port() -> int:
-    """A port nothing listens on (it was free a moment ago): an unreachable service."""
+    """A port nothing listens on (it was free a moment ago): for a new service, or as an
+    unreachable one."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
