@@ -229,25 +229,23 @@ def train_member(
         ),
     )
     result = trainer.fit()
-    folder = member_dir(options.root, spec.member_id)
-    history = pd.DataFrame(load_history(result.checkpoint))
-    storage.write_text(storage.join(folder, "metrics.csv"), history.to_csv(index=False))
-    storage.write_text(
-        storage.join(folder, "config.yaml"), yaml.safe_dump(spec.config.to_dict(), sort_keys=False)
-    )
-    publish_checkpoint(result.checkpoint, storage.join(folder, CHECKPOINT_FILE))
+    return publish_member(result.checkpoint, spec, member_dir(options.root, spec.member_id))
+
+
+def publish_member(
+    checkpoint: ray.train.Checkpoint, spec: MemberSpec, folder: str
+) -> dict[str, Any]:
+    """Write the member's metrics and config, then its checkpoint at the fixed path, last, as
+    the done marker. One download of Train's checkpoint serves all three (from a bucket it
+    is the costly part)."""
+    with checkpoint.as_directory() as local:
+        weights = Path(local) / CHECKPOINT_FILE
+        history = pd.DataFrame(load_checkpoint(weights)["history"])
+        storage.write_text(storage.join(folder, "metrics.csv"), history.to_csv(index=False))
+        config = yaml.safe_dump(spec.config.to_dict(), sort_keys=False)
+        storage.write_text(storage.join(folder, "config.yaml"), config)
+        storage.upload_file(weights, storage.join(folder, CHECKPOINT_FILE))
     return history.iloc[-1].to_dict()
-
-
-def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, Any]]:
-    with checkpoint.as_directory() as folder:
-        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)["history"]
-
-
-def publish_checkpoint(checkpoint: ray.train.Checkpoint, location: str) -> None:
-    """Copy Train's latest checkpoint to the member's fixed path, last, as the done marker."""
-    with checkpoint.as_directory() as folder:
-        storage.upload_file(Path(folder) / CHECKPOINT_FILE, location)
 
 
 def train_members(
