@@ -218,7 +218,8 @@ def leaderboard(grid: tune.ResultGrid, space: SearchSpace, full_epochs: int) -> 
             "val_top1": metrics.get("val_top1", math.nan),
             "val_nll": metrics.get("val_nll", math.nan),
         }
-        row.update({key: result.config.get(key) for key in space.searched})
+        config = result.config or {}  # None for a trial that never started
+        row.update({key: config.get(key) for key in space.searched})
         row["wall_seconds"] = metrics.get("time_total_s", math.nan)
         for label in ("node", "cpus", "gpus"):  # where the trial ran and what it held
             row[label] = metrics.get(label, "")

@@ -31,9 +31,13 @@ GPU_NODE = {
 
 @pytest.fixture(scope="module")
 def cluster():
+    """RAY_ADDRESS too: anything that looks for "the" cluster finds this one, even where
+    another Ray runs on the machine (an earlier test module's, or a developer's)."""
     cluster = FakeAutoscalingCluster(GPU_NODE, head_cpus=0, idle_minutes=1)
     cluster.start()
-    yield cluster
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", cluster.address)
+        yield cluster
     cluster.shutdown()
 
 
