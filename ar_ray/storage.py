@@ -9,6 +9,7 @@ from __future__ import annotations
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs
@@ -31,7 +32,9 @@ def join(location: str, *parts: str) -> str:
     return posixpath.join(location, *parts) if is_uri(location) else str(Path(location, *parts))
 
 
-def _filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem and path of an absolute local path or a URI: one client for both,
+    so code that lists or reads through it serves a folder and a bucket prefix alike."""
     try:
         return pyarrow.fs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, OSError) as error:
@@ -41,7 +44,7 @@ def _filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
 def exists(location: str) -> bool:
     if not is_uri(location):
         return Path(location).exists()
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
@@ -49,7 +52,7 @@ def remove_tree(location: str) -> None:
     if not is_uri(location):
         shutil.rmtree(location)
         return
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     fs.delete_dir(path)
 
 
@@ -74,7 +77,7 @@ def write_text(location: str, text: str) -> None:
     if not is_uri(location):
         atomic_write_text(Path(location), text)
         return
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode())
@@ -85,10 +88,32 @@ def upload_file(source: Path, location: str) -> None:
     if not is_uri(location):
         atomic_save(Path(location), lambda tmp: shutil.copyfile(source, tmp))
         return
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with open(source, "rb") as local, fs.open_output_stream(path) as stream:
         shutil.copyfileobj(local, stream)
+
+
+def save_file(location: str, write: Callable[[str], None]) -> None:
+    """Publish what `write(path)` writes to a local path, complete or not at all: straight into
+    place locally (temp file + rename), through a temp file and one upload for a URI."""
+    if not is_uri(location):
+        atomic_save(Path(location), write)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / posixpath.basename(location)
+        write(str(local))
+        upload_file(local, location)
+
+
+def remove_file(location: str) -> None:
+    """Make sure `location` is gone; it need not exist."""
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_file(path)
 
 
 def read_text(location: str) -> str:
@@ -97,7 +122,7 @@ def read_text(location: str) -> str:
             return Path(location).read_text()
         except OSError as error:
             raise UserError(f"{location}: cannot read ({error.strerror})") from None
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     try:
         with fs.open_input_stream(path) as stream:
             return stream.read().decode()
@@ -109,7 +134,7 @@ def download_file(location: str, local: Path) -> Path:
     """Bring one (checkpoint) file to this node; a local path is used where it is."""
     if not is_uri(location):
         return Path(location)
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     local.parent.mkdir(parents=True, exist_ok=True)
     with fs.open_input_stream(path) as source, open(local, "wb") as target:
         shutil.copyfileobj(source, target)
