@@ -12,8 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ar_ray import storage
 from ar_ray.config import TTA_MODES, RunConfig, load_config
-from ar_ray.data import DatasetSplits, load_dataset
+from ar_ray.data import DatasetSplits, FolderListing, list_folder, load_builtin, load_listing
+from ar_ray.data.cache import CACHE_DIR
+from ar_ray.data.decode import run_on_ray
 from ar_ray.errors import Interrupted, UserError
 from ar_ray.interrupts import treat_sigterm_as_interrupt
 from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources, actor_default, announce, stated
@@ -26,7 +29,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(  # a str: a Path would turn s3://bucket into s3:/bucket
+    parser.add_argument(  # a str, not a Path: recorded as given, and a URI must stay whole
         "--data",
         help="VIPriors/ImageFolder root: folder, s3:// or gs:// (default: built-in Fashion-MNIST)",
     )
@@ -161,12 +164,34 @@ def _positive(name: str, value: float | None) -> None:
         raise UserError(f"{name}={value} must be >= 1")
 
 
-def load_splits(args: argparse.Namespace, image_size: int) -> DatasetSplits:
-    _positive("--limit-per-class", args.limit_per_class)
-    splits = load_dataset(args.data, image_size, skip_bad_images=args.skip_bad_images)
+def list_data(location: str | None) -> FolderListing | None:
+    """The folder's files, its layout checked; None for the built-in set. Called before Ray
+    starts, so a bad layout fails in milliseconds and leaves nothing behind."""
+    return None if location is None else list_folder(location)
+
+
+def load_splits(
+    listing: FolderListing | None,
+    image_size: int,
+    *,
+    skip_bad_images: bool,
+    limit_per_class: int | None,
+    experiment: str | None = None,
+) -> DatasetSplits:
+    """The splits every command trains on. With an `experiment` root (tune and ensemble, once
+    Ray is connected), a folder is decoded by Ray tasks and cached under the experiment, so
+    later commands on the same unchanged folder reuse it; without one (train), it is decoded
+    in this process."""
+    if listing is None:
+        splits = load_builtin(image_size)
+    elif experiment is None:
+        splits = load_listing(listing, image_size, skip_bad_images)
+    else:
+        cache = storage.join(experiment, CACHE_DIR)
+        splits = load_listing(listing, image_size, skip_bad_images, runner=run_on_ray, cache=cache)
     for path in splits.skipped:
         print(f"skipped unreadable image: {path}", file=sys.stderr)
-    return splits.limit_per_class(args.limit_per_class)
+    return splits.limit_per_class(limit_per_class)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -175,7 +200,13 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.rank) if args.config else RunConfig()
     overrides = {"epochs": args.epochs, "seed": args.seed}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    splits = load_splits(args, config.image_size)
+    _positive("--limit-per-class", args.limit_per_class)
+    splits = load_splits(
+        list_data(args.data),
+        config.image_size,
+        skip_bad_images=args.skip_bad_images,
+        limit_per_class=args.limit_per_class,
+    )
     out = args.out
     print(
         f"training {config.arch} for {config.epochs} epochs on {len(splits.train)} images "
@@ -189,27 +220,30 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from ar_ray import storage
     from ar_ray.cluster import connect
     from ar_ray.search_space import load_search_space
     from ar_ray.tune import (
         TuneRequest,
         base_config,
         experiment_dir,
+        experiment_root,
         prepare_experiment_dir,
         print_leaderboard,
         run_tune,
     )
 
-    for flag in ("trials", "epochs", "max_concurrent", "grace_period"):
+    for flag in ("trials", "epochs", "max_concurrent", "grace_period", "limit_per_class"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
     space = load_search_space(args.space)
     trial = _resources(args, "trial", "trial", Resources(), "default")
+    listing = list_data(args.data)
     request = TuneRequest(
         space=str(args.space),
         trials=args.trials,
         epochs=args.epochs,
         data=args.data,
+        data_resolved=None if listing is None else listing.resolved,
+        skip_bad_images=args.skip_bad_images,
         limit_per_class=args.limit_per_class,
         storage=args.storage,
         name=args.name,
@@ -220,10 +254,16 @@ def _tune(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         seed=args.seed,
     )
-    storage.ensure_writable(storage.join(storage.resolve(args.storage), args.name))
+    storage.ensure_writable(experiment_root(request))
     prepare_experiment_dir(experiment_dir(request), resume=args.resume, overwrite=args.overwrite)
-    splits = load_splits(args, base_config(request, space).image_size)
     connect(args.address)
+    splits = load_splits(
+        listing,
+        base_config(request, space).image_size,
+        skip_bad_images=args.skip_bad_images,
+        limit_per_class=args.limit_per_class,
+        experiment=experiment_root(request),
+    )
     board = run_tune(request, space, splits, resume=args.resume)
     print_leaderboard(board, space)
     print(f"leaderboard: {experiment_dir(request)}/leaderboard.csv")
@@ -232,16 +272,14 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _ensemble(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
-    from ar_ray.data import load_dataset
     from ar_ray.ensemble import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
-    from ar_ray.storage import ensure_writable, resolve
     from ar_ray.tune import load_tune_record
 
     for flag in ("members", "epochs", "workers_per_member", "max_concurrent", "max_actors"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
     record = load_tune_record(args.run)
-    root = resolve(args.run)
-    ensure_writable(root)
+    root = storage.resolve(args.run)
+    storage.ensure_writable(root)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
     for arch in archs or []:
         record.base.replace_checked("arch", arch, "--archs")
@@ -264,10 +302,16 @@ def _ensemble(args: argparse.Namespace) -> int:
         max_actors=args.max_actors or DEFAULT_MAX_ACTORS,
     )
     plan_members(request, record)  # a bad --members fails before any Ray work starts
+    listing = list_data(record.data)  # the folder tune read, checked again before Ray starts
     prepare_ensemble_dir(root, resume=args.resume, overwrite=args.overwrite)
-    splits = load_dataset(record.request["data"], record.base.image_size)
-    splits = splits.limit_per_class(record.request["limit_per_class"])
     connect(args.address)
+    splits = load_splits(
+        listing,
+        record.base.image_size,
+        skip_bad_images=record.skip_bad_images,
+        limit_per_class=record.limit_per_class,
+        experiment=root,
+    )
     summary = run_ensemble(request, record, splits, request.train_options(root))
     print_summary(summary)
     return 0

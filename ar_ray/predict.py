@@ -22,7 +22,7 @@ import ray.data
 
 from ar_ray import storage
 from ar_ray.data import IMAGE_EXTENSIONS, DataError
-from ar_ray.data.folder import decode_image_bytes
+from ar_ray.data.image import decode_image_bytes
 from ar_ray.ensemble import TOP_K, LoadedEnsemble, top_k_frame
 from ar_ray.errors import UserError
 from ar_ray.inference import InferenceOptions, PoolTally, ensemble_top_k

@@ -281,8 +281,9 @@ class MemberProgress:
 
 
 class InferenceProgress:
-    """Images scored so far, images/s and ETA, for a driver loop that collects results.
+    """Images done so far, images/s and ETA, for a driver loop that collects results.
 
+    `verb` says what was done to them ("scored" by inference, "decoded" by data loading).
     Call `advance(n)` as each chunk of `n` images comes back, and `close()` (or use it as a
     context manager) at the end. A terminal gets one line redrawn in place; logs get a line
     per tenth of the images or every `log_every_seconds`, whichever comes first.
@@ -295,8 +296,9 @@ class InferenceProgress:
         clock: Clock = time.monotonic,
         refresh_seconds: float = REFRESH_SECONDS,
         log_every_seconds: float = LOG_EVERY_SECONDS,
+        verb: str = "scored",
     ) -> None:
-        self.total, self.done = total, 0
+        self.total, self.done, self.verb = total, 0, verb
         self._console = _Console(stream or sys.stdout, clock, refresh_seconds)
         self._log_every_seconds = log_every_seconds
         self._started = self._logged_at = clock()
@@ -323,7 +325,7 @@ class InferenceProgress:
         speed = "?" if rate is None else f"{rate:.1f}"
         percent = 100 * self.done / self.total if self.total else 100.0
         return (
-            f"scored {self.done}/{self.total} images ({percent:.0f}%)  "
+            f"{self.verb} {self.done}/{self.total} images ({percent:.0f}%)  "
             f"{speed} images/s  ETA {format_duration(eta)}"
         )
 

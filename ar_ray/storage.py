@@ -15,7 +15,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.fs
@@ -41,7 +41,9 @@ def join(location: str, *parts: str) -> str:
     return posixpath.join(location, *parts) if is_uri(location) else str(Path(location, *parts))
 
 
-def _filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem and path of an absolute local path or a URI: one client for both,
+    so code that lists or reads through it serves a folder and a bucket prefix alike."""
     try:
         return pyarrow.fs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, OSError) as error:
@@ -63,7 +65,7 @@ def exists(location: str) -> bool:
     """A file, a folder, or (in a bucket) a prefix that holds at least one object."""
     if not is_uri(location):
         return Path(location).exists()
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     with _reported(location, "storage not reachable"):
         return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
@@ -72,7 +74,7 @@ def remove_tree(location: str) -> None:
     if not is_uri(location):
         shutil.rmtree(location)
         return
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     with _reported(location, "cannot delete"):
         fs.delete_dir(path)
 
@@ -80,7 +82,7 @@ def remove_tree(location: str) -> None:
 def ensure_writable(location: str) -> None:
     """Fail before any work starts, not after an hour of training, on a read-only --storage."""
     if is_uri(location):
-        fs, path = _filesystem(location)
+        fs, path = filesystem(location)
         if fs.type_name != "local":
             _ensure_writable_store(location, fs, path)
             return
@@ -119,7 +121,7 @@ def write_text(location: str, text: str) -> None:
     if not is_uri(location):
         atomic_write_text(Path(location), text)
         return
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     with _reported(location, "cannot write"):
         fs.create_dir(posixpath.dirname(path), recursive=True)
         with fs.open_output_stream(path) as stream:
@@ -131,11 +133,34 @@ def upload_file(source: Path, location: str) -> None:
     if not is_uri(location):
         atomic_save(Path(location), lambda tmp: shutil.copyfile(source, tmp))
         return
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     with _reported(location, "cannot write"):
         fs.create_dir(posixpath.dirname(path), recursive=True)
         with open(source, "rb") as local, fs.open_output_stream(path) as stream:
             shutil.copyfileobj(local, stream)
+
+
+def save_file(location: str, write: Callable[[str], None]) -> None:
+    """Publish what `write(path)` writes to a local path, complete or not at all: straight into
+    place locally (temp file + rename), through a temp file and one upload for a URI."""
+    if not is_uri(location):
+        atomic_save(Path(location), write)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / posixpath.basename(location)
+        write(str(local))
+        upload_file(local, location)
+
+
+def remove_file(location: str) -> None:
+    """Make sure `location` is gone; it need not exist."""
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    with _reported(location, "cannot delete"):
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(path)
 
 
 def read_text(location: str) -> str:
@@ -144,7 +169,7 @@ def read_text(location: str) -> str:
             return Path(location).read_text()
         except OSError as error:
             raise UserError(f"{location}: cannot read ({error.strerror})") from None
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     with _reported(location, "cannot read"), fs.open_input_file(path) as file:
         return file.read().decode()  # one GET; a stream reads 256 KiB per request
 
@@ -158,7 +183,7 @@ def download_file(location: str, local: Path) -> Path:
     """
     if not is_uri(location):
         return Path(location)
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     local.parent.mkdir(parents=True, exist_ok=True)
     with (
         _reported(location, "cannot read"),

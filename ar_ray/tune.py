@@ -47,7 +47,9 @@ class TuneRequest:
     space: str
     trials: int = 16
     epochs: int | None = None
-    data: str | None = None
+    data: str | None = None  # as given; None: the built-in set
+    data_resolved: str | None = None  # absolute path or URI: what `ensemble` reads
+    skip_bad_images: bool = False  # `ensemble` skips the same files
     limit_per_class: int | None = None
     storage: str = "runs"
     name: str = "ar"
@@ -104,8 +106,13 @@ def trial_resources(request: TuneRequest) -> Resources:
     return Resources(cpus=request.cpus_per_trial, gpus=request.gpus_per_trial)
 
 
+def experiment_root(request: TuneRequest) -> str:
+    """`<storage>/<name>`: the tune results, members, ensemble and data cache live under it."""
+    return storage.join(storage.resolve(request.storage), request.name)
+
+
 def experiment_dir(request: TuneRequest) -> str:
-    return storage.join(storage.resolve(request.storage), request.name, TUNE_DIR)
+    return storage.join(experiment_root(request), TUNE_DIR)
 
 
 def trial_trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest):
@@ -130,7 +137,7 @@ def _build_tuner(
         grace_period=min(request.grace_period, base.epochs),
         reduction_factor=request.reduction_factor,
     )
-    root = storage.join(storage.resolve(request.storage), request.name)
+    root = experiment_root(request)
     return tune.Tuner(
         trial_trainable(splits, base, request),
         param_space=space.to_tune(),
@@ -264,6 +271,20 @@ class TuneRecord:
     request: dict[str, Any]
     base: RunConfig
     board: pd.DataFrame
+
+    @property
+    def data(self) -> str | None:
+        """Where the trials' images came from, absolute (`ensemble` may run from another
+        folder); runs recorded before `data_resolved` existed only have the form given."""
+        return self.request.get("data_resolved") or self.request.get("data")
+
+    @property
+    def skip_bad_images(self) -> bool:
+        return bool(self.request.get("skip_bad_images", False))
+
+    @property
+    def limit_per_class(self) -> int | None:
+        return self.request.get("limit_per_class")
 
     @property
     def trial_resources(self) -> Resources:
