@@ -45,12 +45,16 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def start_ray() -> float:
-    """Start a local Ray like the tests do; return the seconds it took (a real start-up cost)."""
+    """Start a local Ray like the tests do; return the seconds it took (a real start-up cost).
+
+    `address="local"` always starts a new instance: without it, ray.init joins a cluster
+    that someone else's `ray start` left on this machine (and fails, as num_cpus is given).
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray  # deferred: fresh-process baselines must not pay for importing Ray
 
     started = time.perf_counter()
-    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
     return time.perf_counter() - started
 
 
