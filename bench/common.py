@@ -45,12 +45,16 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def start_ray() -> float:
-    """Start a local Ray like the tests do; return the seconds it took (a real start-up cost)."""
+    """Start a local Ray like the tests do; return the seconds it took (a real start-up cost).
+
+    `address="local"` always starts a new instance: without it, ray.init joins a cluster
+    that someone else's `ray start` left on this machine (and fails, as num_cpus is given).
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray  # deferred: fresh-process baselines must not pay for importing Ray
 
     started = time.perf_counter()
-    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
     return time.perf_counter() - started
 
 
@@ -59,6 +63,42 @@ def bench_splits(limit_per_class: int | None):
     from ar_ray.data import load_dataset
 
     return load_dataset(None, 28).limit_per_class(limit_per_class)
+
+
+def make_checkpoint(path: Path) -> None:
+    """A real member checkpoint of the default model (1 epoch on 50 images), saved the way
+    the engine saves it: inference benchmarks need real weights, not good ones."""
+    from ar_ray.config import RunConfig
+    from ar_ray.recipe.checkpoint import save_checkpoint
+    from ar_ray.recipe.engine import fit
+
+    save_checkpoint(fit(RunConfig(epochs=1), bench_splits(5)).state, path)
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (high-water mark) of this process, from /proc (Linux).
+
+    VmHWM belongs to the process's own address space, which `exec` replaces; getrusage's
+    ru_maxrss is kept across `exec`, so in a child started by fork + exec it can report
+    the parent's RSS at the fork.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def start_peak_window() -> bool:
+    """Reset the high-water mark, so the next peak belongs to what runs from here on.
+
+    Without it the peak of imports, loading data and starting Ray would hide any growth of
+    the call measured below it. Needs Linux >= 4.0; False where it cannot be reset.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_fresh(target: str, kwargs: dict[str, Any], *, threads: int | None = None) -> Any:

@@ -4,14 +4,15 @@
     .venv/bin/python bench/tencrop_throughput.py --quick   # smoke check: ~1 min, tiny settings
 
 Nothing is trained for accuracy: a 1-epoch member gives real weights of the default model.
-Throughput of `ar_ray.inference.run_predictors(..., tta="tencrop")` with 1 and 2 actors (as a
-user calls it: actor start-up and weight loading included) is compared with the bound of
-ten single-crop forwards (centre-crop images/s / 10) and with TenCrop in one local process
-(one forward of 10B crops), both in a fresh process on one thread, as an actor runs. A run
-on 4x the images gives the 2-actor steady rate (start-up cancels out of the difference).
+Throughput of `ar_ray.inference.member_probabilities(..., tta="tencrop")` with a pool of at
+most 1 and 2 actors (as a user calls it: actor start-up and weight loading included) is
+compared with the bound of ten single-crop forwards (centre-crop images/s / 10) and with
+TenCrop in one local process (one forward of 10B crops), both in a fresh process on one
+thread, as an actor runs. A run on 4x the images gives the 2-actor steady rate (start-up
+cancels out of the difference).
 
 Driver memory: every actor run happens in a fresh driver process whose peak RSS is read
-before and after `run_predictors`; from 1x to 4x images it should stay flat, because
+before and after `member_probabilities`; from 1x to 4x images it should stay flat, because
 chunks stream through the pool and only probabilities come back.
 
 Writes bench/results/tencrop_throughput.{csv,md} (with --quick: bench/results/quick/).
@@ -27,30 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from common import bench_splits, machine_line, parse_args, run_fresh, start_ray, write_results
-
-from ar_ray.config import RunConfig
-
-
-def rss_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (high-water mark) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def start_peak_window() -> bool:
-    """Reset the high-water mark, so the next peak belongs to what runs from here on.
-
-    Without it the peak of loading the dataset and starting Ray would hide any growth of
-    `run_predictors` below it. Needs Linux >= 4.0; False where it cannot be reset.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+from common import (
+    bench_splits,
+    machine_line,
+    make_checkpoint,
+    parse_args,
+    rss_mb,
+    run_fresh,
+    start_peak_window,
+    start_ray,
+    write_results,
+)
 
 
 def lifetime_peak_mb() -> float:
@@ -59,19 +47,11 @@ def lifetime_peak_mb() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
-def make_checkpoint(path: Path) -> None:
-    """A real member checkpoint of the default model, saved the way the engine saves it."""
-    from ar_ray.recipe.checkpoint import save_checkpoint
-    from ar_ray.recipe.engine import fit
-
-    save_checkpoint(fit(RunConfig(epochs=1), bench_splits(5)).state, path)
-
-
 def local_seconds(checkpoint: str, count: int) -> dict[str, float]:
     """Seconds for centre crop and for TenCrop over `count` test images, in this process."""
     import torch
 
-    from ar_ray.inference import CHUNK
+    from ar_ray.inference import BATCH
     from ar_ray.recipe.augment import predict_probabilities
     from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 
@@ -81,27 +61,28 @@ def local_seconds(checkpoint: str, count: int) -> dict[str, float]:
     images = torch.from_numpy(bench_splits(None).test.rows(0, count).images)
     seconds = {}
     for tta in ("center", "tencrop"):
-        predict_probabilities(model, images[:CHUNK], size, tta)  # warm-up: first allocations
+        predict_probabilities(model, images[:BATCH], size, tta)  # warm-up: first allocations
         started = time.perf_counter()
-        for chunk in images.split(CHUNK):
+        for chunk in images.split(BATCH):
             predict_probabilities(model, chunk, size, tta)
         seconds[tta] = time.perf_counter() - started
     return seconds
 
 
 def driver_run(checkpoint: str, count: int, actors: int) -> dict[str, float]:
-    """One `run_predictors` call as a user's driver makes it; its time and the driver's RSS."""
+    """One `member_probabilities` call as a user's driver makes it; its time and the driver's
+    RSS. The pool starts with one actor and may grow to `actors`."""
     start_ray()
     import ray
-    import torch
 
-    from ar_ray.inference import run_predictors
+    from ar_ray.inference import InferenceOptions, member_probabilities
 
-    images = torch.from_numpy(bench_splits(None).test.rows(0, count).images)
+    images = bench_splits(None).test.images[:count]
     windowed = start_peak_window()
     before = rss_mb("VmRSS") if windowed else lifetime_peak_mb()
     started = time.perf_counter()
-    run_predictors([checkpoint], images, tta="tencrop", actors=actors)
+    options = InferenceOptions(max_actors=actors)
+    member_probabilities([checkpoint], [images], tta="tencrop", options=options)
     seconds = time.perf_counter() - started
     peak = rss_mb("VmHWM") if windowed else lifetime_peak_mb()
     ray.shutdown()
@@ -172,7 +153,7 @@ def main() -> None:
         ),
         "The steady row divides the extra 3x images by the extra seconds of the 4x run, so "
         "actor start-up and weight loading cancel out. Driver memory: RSS just before "
-        "run_predictors and its peak during the call (high-water mark reset first"
+        "member_probabilities and its peak during the call (high-water mark reset first"
         + (
             ""
             if all(run["windowed"] for run in runs.values())

@@ -138,10 +138,6 @@ def test_a_second_tune_into_a_stored_run_must_be_asked_for(s3, run):
     assert_user_error(result, f"{s3.uri(run)}/tune: holds an experiment")
 
 
-@pytest.mark.xfail(
-    reason="load_dataset reads local folders only; URIs come with the data loader rewrite",
-    strict=True,
-)
 def test_tune_and_ensemble_read_vipriors_from_the_bucket(s3, address, tmp_path):
     """`--data s3://...`: the tune run records the URI and `ensemble` reads it again."""
     s3.upload(make_image_folder(tmp_path / "vipriors", per_class=4), "vipriors")
