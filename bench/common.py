@@ -19,32 +19,50 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 if TYPE_CHECKING:
     from ar_ray.config import RunConfig
 
 from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
 
-RESULTS = Path(__file__).parent / "results"
+BENCH = Path(__file__).parent
+RESULTS = BENCH / "results"
 NUM_CPUS = 2  # the project's reference machine; every number in BENCHMARKS.md assumes it
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(
+    description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    """`--quick` for every script, plus whatever sizes `add_arguments` lets a script take."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny settings to check the script end to end; results go to results/quick/",
     )
+    if add_arguments is not None:
+        add_arguments(parser)
     return parser.parse_args()
 
 
-def start_ray() -> float:
+def synthetic_jpeg(index: int, path: Path, size: tuple[int, int]) -> None:
+    """A smooth colour field (width, height) from an 8x8 seed (seeded by `index`): decodes
+    like a photo of that size, but compresses to a few kB, so tens of thousands of them fit
+    in a temp folder."""
+    seed = np.random.default_rng(index).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(seed).resize(size, Image.Resampling.BILINEAR)
+    image.save(path, quality=90)
+
+
+def start_ray(num_cpus: int = NUM_CPUS) -> float:
     """Start a local Ray like the tests do; return the seconds it took (a real start-up cost).
 
     `address="local"` always starts a new instance: without it, ray.init joins a cluster
@@ -54,7 +72,7 @@ def start_ray() -> float:
     import ray  # deferred: fresh-process baselines must not pay for importing Ray
 
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return time.perf_counter() - started
 
 
@@ -110,6 +128,9 @@ def run_fresh(target: str, kwargs: dict[str, Any], *, threads: int | None = None
     memory), and a peak-RSS reading taken there belongs to that call alone.
     """
     env = dict(os.environ)
+    # Ray workers inherit the environment of the Ray a fresh process starts: with bench/ on
+    # their path they can unpickle the remote functions and actors defined in these scripts.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as folder:
@@ -148,6 +169,16 @@ def direct_fit(config: dict[str, Any], limit_per_class: int | None) -> dict[str,
 
 def gaps(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in zip(times[:-1], times[1:], strict=True)]
+
+
+def paired(runs: pd.DataFrame, column: str, key: str, first: Any, second: Any) -> pd.Series:
+    """Per round: `column` where `key` == second over where `key` == first (same round)."""
+    table = runs.pivot_table(index="round", columns=key, values=column)
+    return (table[second] / table[first]).dropna()
+
+
+def spread(values: pd.Series) -> dict[str, float]:
+    return {"median": values.median(), "min": values.min(), "max": values.max(), "n": len(values)}
 
 
 def median(values: list[float]) -> float:

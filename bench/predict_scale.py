@@ -30,21 +30,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 from common import (
     bench_splits,
     machine_line,
     make_checkpoint,
+    paired,
     parse_args,
     rss_mb,
     run_fresh,
+    spread,
     start_peak_window,
     start_ray,
+    synthetic_jpeg,
     write_results,
 )
-from PIL import Image
 
 from ar_ray.config import RunConfig
 from ar_ray.ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE, EnsembleRequest
@@ -63,14 +64,6 @@ FULL_PLAN = {1_000: 3, 10_000: 3, 40_000: 3}
 QUICK_PLAN = {500: 1, 1_000: 1}
 
 
-def synthetic_jpeg(index: int, path: Path) -> None:
-    """A smooth colour field from an 8x8 seed (seeded by `index`): decodes like a photo, but
-    compresses to a few kB, so 40,000 of them fit in a temp folder."""
-    seed = np.random.default_rng(index).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    image = Image.fromarray(seed).resize((IMAGE_PX, IMAGE_PX), Image.Resampling.BILINEAR)
-    image.save(path, quality=90)
-
-
 def image_shards(count: int) -> list[str]:
     """The first `count / SHARD` cached shard folders, generating any that are missing.
 
@@ -84,7 +77,7 @@ def image_shards(count: int) -> list[str]:
         if not marker.exists():
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(shard * SHARD, (shard + 1) * SHARD):
-                synthetic_jpeg(index, folder / f"{index:06d}.jpg")
+                synthetic_jpeg(index, folder / f"{index:06d}.jpg", (IMAGE_PX, IMAGE_PX))
             marker.touch()
         shards.append(str(folder))
     return shards
@@ -211,16 +204,6 @@ def schedule(plan: dict[int, int]) -> list[tuple[int, int, int]]:
             if round_ < rounds:
                 order += [(round_, images, actors) for actors in pair]
     return order
-
-
-def paired(runs: pd.DataFrame, column: str, key: str, first: Any, second: Any) -> pd.Series:
-    """Per round: `column` where `key` == second over where `key` == first (same round)."""
-    table = runs.pivot_table(index="round", columns=key, values=column)
-    return (table[second] / table[first]).dropna()
-
-
-def spread(values: pd.Series) -> dict[str, float]:
-    return {"median": values.median(), "min": values.min(), "max": values.max(), "n": len(values)}
 
 
 def scaling_table(runs: pd.DataFrame) -> pd.DataFrame:
