@@ -27,6 +27,6 @@ def ray_cluster():
     """A real local Ray with 2 CPUs, shared by every test that needs one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a running one
     yield ray
     ray.shutdown()
