@@ -229,7 +229,7 @@ def run_ensemble(
     if splits.test is not None:
         test = tested[0]
         final_test = combine(test, fitted[chosen])
-        test_labels = None if splits.test.labels is None else splits.test.labels
+        test_labels = splits.test.labels
         frame = predictions_frame(final_test, splits.test.ids, splits.classes, test_labels)
         atomic_write_csv(stage / "predictions.csv", frame)
         if splits.test.labels is None:
