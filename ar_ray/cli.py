@@ -205,6 +205,7 @@ def from_record(cls: type[Request], values: dict[str, Any]) -> Request:
 
 
 def _recorded(where: str) -> dict[str, Any]:
+    """The request a run began with (request.yaml, ensemble.yaml): `--resume` continues it."""
     try:
         return yaml.safe_load(storage.read_text(where))["request"]
     except (yaml.YAMLError, KeyError, TypeError) as error:
@@ -285,7 +286,6 @@ def _tune(args: argparse.Namespace) -> int:
         experiment_root,
         prepare_experiment_dir,
         print_leaderboard,
-        recorded_request,
         request_path,
         resolve_first_rung,
         run_tune,
@@ -316,7 +316,7 @@ def _tune(args: argparse.Namespace) -> int:
     storage.ensure_writable(experiment_root(request))
     prepare_experiment_dir(experiment_dir(request), resume=args.resume, overwrite=args.overwrite)
     if args.resume:  # the recorded request goes on; a flag that disagrees with it is refused
-        recorded = from_record(TuneRequest, recorded_request(request))
+        recorded = from_record(TuneRequest, _recorded(request_path(request)))
         refuse_changed_options(args.given, asdict(request), asdict(recorded), request_path(request))
         if recorded.data != request.data:
             listing = list_data(recorded.data_resolved or recorded.data)

@@ -247,11 +247,6 @@ def request_path(request: TuneRequest) -> str:
     return storage.join(experiment_dir(request), "request.yaml")
 
 
-def recorded_request(request: TuneRequest) -> dict[str, Any]:
-    """The request an experiment began with: `--resume` continues it, whatever else it is told."""
-    return yaml.safe_load(storage.read_text(request_path(request)))["request"]
-
-
 def resolve_first_rung(request: TuneRequest, space: SearchSpace) -> TuneRequest:
     """The request with ASHA's first rung settled (a no-op once it is); one line says when
     Mean Teacher raised it. Cheap: the CLI calls it before Ray starts, so a searched key that
