@@ -195,7 +195,12 @@ def run_tune(
         )
     else:
         tuner = _build_tuner(request, space, base, splits)
-    record = {"request": asdict(request), "base_config": base.to_dict(), "env": environment_info()}
+    record = {
+        "request": asdict(request),
+        "base_config": base.to_dict(),
+        "stored_size": splits.stored_size,  # the side images were decoded to (data.size)
+        "env": environment_info(),
+    }
     storage.write_text(storage.join(path, "request.yaml"), yaml.safe_dump(record, sort_keys=False))
     grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < request.trials:  # Tune returns on SIGINT
