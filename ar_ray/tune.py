@@ -231,6 +231,7 @@ def run_tune(
         record = {
             "request": asdict(request),
             "base_config": base.to_dict(),
+            "stored_size": splits.stored_size,  # the side images were decoded to (data.size)
             "env": environment_info(),
         }
         storage.write_text(request_path(request), yaml.safe_dump(record, sort_keys=False))
