@@ -56,27 +56,36 @@ def members_vs_ensemble_figure(metrics: pd.DataFrame) -> plt.Figure:
     """Val (out of fold for ensembles) and test side by side, one pair of horizontal bars per
     member or ensemble: long names sit on the y axis, the legend above the plot."""
     table = metrics.pivot_table(index=["kind", "name"], columns="split", values="top1", sort=False)
-    labels = [name if kind == "member" else f"ensemble: {name}" for kind, name in table.index]
+    names = [name if kind == "member" else f"ensemble: {name}" for kind, name in table.index]
     splits = [split for split in SPLIT_COLOURS if split in table.columns]
-    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.5 * len(labels) * len(splits) + 1.2)))
-    height = 0.8 / len(splits)
-    positions = np.arange(len(labels))
-    for i, split in enumerate(splits):
-        values = table[split].to_numpy()
-        bars = ax.barh(
-            positions + i * height,
-            values,
-            height,
-            color=SPLIT_COLOURS[split],
-            label=_split_label(metrics, split),
-        )
-        ax.bar_label(bars, labels=[f"{100 * v:.1f}%" for v in values], padding=2, fontsize=8)
-    ax.set_yticks(positions + 0.4 - height / 2, labels)
-    ax.invert_yaxis()  # first member on top, ensembles below
+    fig, ax = _grouped_barh(
+        names,
+        {_split_label(metrics, split): table[split].to_numpy() for split in splits},
+        colours=[SPLIT_COLOURS[split] for split in splits],
+    )
+    for bars in ax.containers:
+        labels = [f"{100 * v:.1f}%" for v in bars.datavalues]
+        ax.bar_label(bars, labels=labels, padding=2, fontsize=8)
     ax.set_xlim(*top1_axis_limits(table[splits].to_numpy()))
     ax.set_xlabel("top-1")
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncol=len(splits), frameon=False)
     return fig
+
+
+def _grouped_barh(
+    names: list[str], groups: dict[str, np.ndarray], colours: list[str] | None = None
+) -> tuple[plt.Figure, plt.Axes]:
+    """One row of bars per name, first on top: long names sit on the y axis, where they
+    cannot run into each other or into the legend, which goes above the plot."""
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.5 * len(names) * len(groups) + 1.2)))
+    height = 0.8 / max(len(groups), 1)
+    positions = np.arange(len(names))
+    for i, (label, values) in enumerate(groups.items()):
+        colour = None if colours is None else colours[i]
+        ax.barh(positions + i * height, values, height, label=label, color=colour)
+    ax.set_yticks(positions + 0.4 - height / 2, names)
+    ax.invert_yaxis()
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncol=len(groups), frameon=False)
+    return fig, ax
 
 
 def _plot_members_vs_ensemble(metrics: pd.DataFrame, path: Path) -> None:
@@ -93,14 +102,10 @@ def _plot_weights(weights: pd.DataFrame, path: Path) -> None:
     table = weights.pivot_table(
         index="member", columns="method", values="weight", fill_value=0.0, sort=False
     )
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(table) + 2), 4))
-    width = 0.8 / max(len(table.columns), 1)
-    positions = np.arange(len(table))
-    for i, method in enumerate(table.columns):
-        ax.bar(positions + i * width, table[method], width, label=str(method))
-    ax.set_xticks(positions + 0.4 - width / 2, table.index.astype(str), rotation=45)
-    ax.set_ylabel("weight")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig, ax = _grouped_barh(
+        list(table.index.astype(str)), {str(m): table[m].to_numpy() for m in table.columns}
+    )
+    ax.set_xlabel("weight")
     _save(fig, path)
 
 
