@@ -93,7 +93,7 @@ def _plot_members_vs_ensemble(metrics: pd.DataFrame, path: Path) -> None:
 
 
 def _split_label(metrics: pd.DataFrame, split: str) -> str:
-    """"val (out-of-fold)": how that split's ensemble scores were estimated."""
+    """How that split's ensemble scores were estimated, e.g. `val (out-of-fold)`."""
     rows = metrics[(metrics["split"] == split) & (metrics["kind"] == "ensemble")]
     return f"{split} ({', '.join(dict.fromkeys(rows['estimate']))})"
 

@@ -80,8 +80,12 @@ def test_uniform_weights_sum_to_one_and_average_the_members():
 FOLD_OF = stratified_folds(LABELS, 5, seed=0)
 
 
+def in_fold(fold: int) -> np.ndarray:
+    return np.equal(FOLD_OF, fold)
+
+
 def fold_top1(probs: np.ndarray, labels: np.ndarray = LABELS) -> list[float]:
-    return [top_k_accuracy(probs[FOLD_OF == k], labels[FOLD_OF == k], 1) for k in range(5)]
+    return [top_k_accuracy(probs[in_fold(k)], labels[in_fold(k)], 1) for k in range(5)]
 
 
 def test_greedy_beats_the_best_member_out_of_fold_with_a_complementary_pair():
@@ -119,10 +123,10 @@ def overfitting_members() -> np.ndarray:
     members = [dominant]
     for fold in range(5):
         member = dominant.copy()
-        put(member, (FOLD_OF == fold) & ~right, 0.9, 0.02)
+        put(member, in_fold(fold) & ~right, 0.9, 0.02)
         weakly_wrong = np.zeros(N, dtype=bool)
         for other in set(range(5)) - {fold}:
-            weakly_wrong[np.flatnonzero((FOLD_OF == other) & right)[:3]] = True
+            weakly_wrong[np.flatnonzero(in_fold(other) & right)[:3]] = True
         put(member, weakly_wrong, 0.35, 0.45)
         members.append(member)
     return np.stack(members)
@@ -155,14 +159,14 @@ def test_a_folds_own_labels_never_fit_the_weights_that_score_it(overfitting_fit)
     and method choice for it come from folds 1-4), while other folds, whose weights were
     fitted with fold 0's labels, change."""
     labels = LABELS.copy()
-    in_fold = FOLD_OF == 0
-    labels[in_fold] = np.random.default_rng(3).permutation((LABELS[in_fold] + 1) % K)
+    first_fold = in_fold(0)
+    labels[first_fold] = np.random.default_rng(3).permutation((LABELS[first_fold] + 1) % K)
     scrambled = cross_fit(OVERFITTING, labels, FOLD_OF)
     for method, probs in overfitting_fit.out_of_fold.items():
-        np.testing.assert_array_equal(scrambled.out_of_fold[method][in_fold], probs[in_fold])
+        np.testing.assert_array_equal(scrambled.out_of_fold[method][first_fold], probs[first_fold])
     assert scrambled.fold_choices[0] == overfitting_fit.fold_choices[0]
     assert any(
-        not np.array_equal(scrambled.out_of_fold[method][~in_fold], probs[~in_fold])
+        not np.array_equal(scrambled.out_of_fold[method][~first_fold], probs[~first_fold])
         for method, probs in overfitting_fit.out_of_fold.items()
     )
 
@@ -170,7 +174,7 @@ def test_a_folds_own_labels_never_fit_the_weights_that_score_it(overfitting_fit)
 def test_final_is_the_method_each_fold_chose_and_the_refit_uses_all_of_val(overfitting_fit):
     fit = overfitting_fit
     for fold, method in enumerate(fit.fold_choices):
-        rows = FOLD_OF == fold
+        rows = in_fold(fold)
         np.testing.assert_array_equal(fit.out_of_fold["final"][rows], fit.out_of_fold[method][rows])
     scores = {m: p for m, p in fit.out_of_fold.items() if m != "final"}
     assert fit.chosen == best_method(scores, LABELS)

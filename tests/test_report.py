@@ -93,13 +93,19 @@ def test_top1_plot_labels_every_bar_shows_small_gaps_and_keeps_long_names_off_th
     long_name = "trial_0042_resnet50_seed7_sce_cr_mt_tencrop"
     metrics = pd.DataFrame(
         [
-            {"name": name, "kind": kind, "split": split, "estimate": estimate(split, kind), "top1": v}
+            {
+                "name": name,
+                "kind": kind,
+                "split": split,
+                "estimate": estimate(split, kind),
+                "top1": top1,
+            }
             for name, kind, val, test in [
                 (long_name, "member", 0.800, 0.790),
                 ("trial_7", "member", 0.780, 0.785),
                 ("final", "ensemble", 0.804, 0.794),  # a 0.4-point gain on each split
             ]
-            for split, v in (("val", val), ("test", test))
+            for split, top1 in (("val", val), ("test", test))
         ]
     )
     fig = members_vs_ensemble_figure(metrics)
