@@ -1,7 +1,8 @@
 """`ar-ray ensemble` and `ar-ray predict`: members -> probabilities -> fitted weights -> outputs.
 
 Weights are fitted on validation probabilities only; test numbers are reported for every
-method, so the choice can be checked but never tuned on test.
+method, so the choice can be checked but never tuned on test. Validation scores of ensembles
+are out of fold (`cross_fit`), and `metrics.csv` says so in its `estimate` column.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import yaml
 
 from ar_ray import storage
 from ar_ray.data import DatasetSplits
-from ar_ray.ensemble_weights import FittedWeights, choose, combine, fit_all
+from ar_ray.ensemble_weights import CrossFit, FittedWeights, combine, cross_fit, stratified_folds
 from ar_ray.errors import UserError
 from ar_ray.inference import InferenceOptions, PoolTally, member_probabilities
 from ar_ray.members import (
@@ -52,6 +53,7 @@ class EnsembleRequest:
     workers_per_member: int = 1
     tta: str = "tencrop"
     greedy_size: int = 25
+    folds: int = 5  # cross-fitting folds of val, dealt with `seed`
     seed: int = 0
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -90,29 +92,50 @@ def _checkpoints(run: str, specs: list[MemberSpec]) -> list[str]:
     return [storage.join(member_dir(run, s.member_id), CHECKPOINT_FILE) for s in specs]
 
 
+def estimate(split: str, kind: str) -> str:
+    """How far a score can be trusted. Test was never used to fit or choose anything.
+    On val, an ensemble's weights and method are cross-fitted; a member fitted nothing on
+    val, but val picked its config in tune, so its val score is mildly optimistic."""
+    if split != "val":
+        return "held-out"
+    return "out-of-fold" if kind == "ensemble" else "selected-on-val"
+
+
 def _metric_rows(
     split: str,
     member_probs: np.ndarray,
     labels: np.ndarray,
     names: list[str],
-    fitted: dict[str, FittedWeights],
-    chosen: str,
+    ensembles: dict[str, np.ndarray],
 ) -> list[dict[str, Any]]:
-    rows = [
-        {"name": name, "kind": "member", "split": split, **classification_metrics(probs, labels)}
-        for name, probs in zip(names, member_probs, strict=True)
+    """Rows for every member and every ensemble's [N, K] probabilities on one split."""
+    scored = [("member", name, probs) for name, probs in zip(names, member_probs, strict=True)]
+    scored += [("ensemble", name, probs) for name, probs in ensembles.items()]
+    return [
+        {
+            "name": name,
+            "kind": kind,
+            "split": split,
+            "estimate": estimate(split, kind),
+            **classification_metrics(probs, labels),
+        }
+        for kind, name, probs in scored
     ]
-    for method, weights in {**fitted, "final": fitted[chosen]}.items():
-        probs = combine(member_probs, weights)
-        rows.append(
-            {
-                "name": method,
-                "kind": "ensemble",
-                "split": split,
-                **classification_metrics(probs, labels),
-            }
-        )
-    return rows
+
+
+def _refitted_ensembles(member_probs: np.ndarray, fit: CrossFit) -> dict[str, np.ndarray]:
+    """Each method's weights fitted on all of val, and "final" (the chosen one), applied."""
+    fitted = {**fit.fitted, "final": fit.fitted[fit.chosen]}
+    return {method: combine(member_probs, weights) for method, weights in fitted.items()}
+
+
+def val_folds(request: EnsembleRequest, val_labels: np.ndarray) -> np.ndarray:
+    """The cross-fitting fold of each val image; dealt before members train, so a val split
+    too small to cross-fit fails then, not after the training."""
+    try:
+        return stratified_folds(val_labels, request.folds, request.seed)
+    except ValueError as error:
+        raise UserError(f"val: {error}") from None
 
 
 def predictions_frame(
@@ -209,6 +232,7 @@ def run_ensemble(
         ]
     )
     atomic_write_csv(stage / "members.csv", selection)
+    fold_of = val_folds(request, splits.val.labels)
     status = train_members(specs, splits, options)
 
     checkpoints = _checkpoints(run, specs)
@@ -220,15 +244,22 @@ def run_ensemble(
     )
     atomic_write_csv(stage / "inference_pool.csv", tally.frame())
     val_labels = splits.val.labels
-    fitted = fit_all(val, val_labels, request.greedy_size)
-    chosen = choose(fitted, val, val_labels)
-    rows = _metric_rows("val", val, val_labels, names, fitted, chosen)
-    np.savez_compressed(stage / "probs_val.npz", member_probs=val, labels=val_labels)
+    fit = cross_fit(val, val_labels, fold_of, request.greedy_size)
+    fitted, chosen = fit.fitted, fit.chosen
+    rows = _metric_rows("val", val, val_labels, names, fit.out_of_fold)
+    np.savez_compressed(
+        stage / "probs_val.npz",
+        member_probs=val,
+        labels=val_labels,
+        ids=np.array(splits.val.ids),
+        folds=fit.fold_of,
+    )
 
     test = None
     if splits.test is not None:
         test = tested[0]
-        final_test = combine(test, fitted[chosen])
+        test_ensembles = _refitted_ensembles(test, fit)
+        final_test = test_ensembles["final"]
         test_labels = splits.test.labels
         frame = predictions_frame(final_test, splits.test.ids, splits.classes, test_labels)
         atomic_write_csv(stage / "predictions.csv", frame)
@@ -236,8 +267,13 @@ def run_ensemble(
             submission = frame[["image_id", "predicted"]]
             atomic_write_csv(stage / "submission.csv", submission)
         else:
-            rows += _metric_rows("test", test, test_labels, names, fitted, chosen)
-            np.savez_compressed(stage / "probs_test.npz", member_probs=test, labels=test_labels)
+            rows += _metric_rows("test", test, test_labels, names, test_ensembles)
+            np.savez_compressed(
+                stage / "probs_test.npz",
+                member_probs=test,
+                labels=test_labels,
+                ids=np.array(splits.test.ids),
+            )
 
     metrics = pd.DataFrame(rows)
     member_solo = metrics[metrics["kind"] == "member"].pivot(
@@ -263,7 +299,7 @@ def run_ensemble(
     report_probs, report_labels, report_split = (
         (final_test, test_labels, "test")
         if test is not None and test_labels is not None
-        else (combine(val, fitted[chosen]), val_labels, "val")
+        else (fit.out_of_fold["final"], val_labels, "val, out-of-fold")
     )
     reliability = reliability_table(report_probs, report_labels).assign(
         name=f"final ({report_split})"
@@ -281,6 +317,7 @@ def run_ensemble(
         "method": chosen,
         "weights": fitted[chosen].weights.tolist(),
         "temperature": fitted[chosen].temperature,
+        "fold_methods": list(fit.fold_choices),  # what "final" used in each val fold
         "tta": request.tta,
         "classes": list(splits.classes),
         "image_size": record.base.image_size,

@@ -130,9 +130,9 @@ class EnsemblePredictor:
         probs = np.zeros((count, self.top_k), dtype=np.float32)
         if good.any():
             ensemble = combine(self.member_probabilities(batch["image"][good]), self.weights)
-            order = np.argsort(-ensemble, axis=1)[:, : self.top_k]
-            classes[good] = order
-            probs[good] = np.take_along_axis(ensemble, order, axis=1)
+            order = np.argsort(-ensemble, axis=1)[:, : self.top_k]  # all, with < k classes
+            classes[good, : order.shape[1]] = order
+            probs[good, : order.shape[1]] = np.take_along_axis(ensemble, order, axis=1)
         return {"path": batch["path"], "error": batch["error"], "classes": classes, "probs": probs}
 
 

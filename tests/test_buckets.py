@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -20,6 +21,7 @@ from ray.cluster_utils import Cluster
 from s3_server import S3Server, s3_server
 
 from ar_ray import storage
+from ar_ray.ensemble_weights import FittedWeights, combine
 from ar_ray.errors import UserError
 from ar_ray.recipe.checkpoint import load_checkpoint
 
@@ -139,11 +141,41 @@ def test_a_second_tune_into_a_stored_run_must_be_asked_for(s3, run):
 
 
 def test_tune_and_ensemble_read_vipriors_from_the_bucket(s3, address, tmp_path):
-    """`--data s3://...`: the tune run records the URI and `ensemble` reads it again."""
+    """`--data s3://...`: the tune run records the URI and `ensemble` reads it again; then
+    `predict` on the val files gives the probabilities `ensemble` saved for them."""
     s3.upload(make_image_folder(tmp_path / "vipriors", per_class=4), "vipriors")
     _tune_and_ensemble(s3, address, "runs/vip", "--data", s3.uri("vipriors"))
     predictions = _csv(s3, "runs/vip/ensemble/predictions.csv")
     assert len(predictions) == 8 and set(predictions["label"]) == {"cat", "dog"}
+    _predict_reproduces_the_saved_val_probabilities(s3, address, "runs/vip", tmp_path)
+
+
+def _predict_reproduces_the_saved_val_probabilities(
+    s3: S3Server, address: str, run: str, tmp_path: Path
+) -> None:
+    """Decoding, TTA, weights and temperature must agree between the two commands: predict's
+    top-5 for each val file equals probs_val.npz combined with ensemble.yaml's weights,
+    within the 4 decimals the CSV keeps."""
+    out = tmp_path / "val_labels.csv"
+    _cli_ok(
+        *("predict", "--ensemble", s3.uri(run), "--images", s3.uri("vipriors/val/")),
+        *("--out", str(out), "--address", address),
+    )
+    saved = np.load(io.BytesIO(s3.read(f"{run}/ensemble/probs_val.npz")))
+    record = yaml.safe_load(s3.read(f"{run}/ensemble/ensemble.yaml"))
+    weights = FittedWeights(record["method"], record["weights"], record["temperature"])
+    expected = combine(saved["member_probs"], weights)
+    frame = pd.read_csv(out, keep_default_na=False)
+    frame.index = frame["image_id"].str.split("/vipriors/val/").str[1]
+    assert sorted(frame.index) == sorted(saved["ids"])
+    classes = np.array(record["classes"])
+    for image_id, probs in zip(saved["ids"], expected, strict=True):
+        row = frame.loc[image_id]
+        top5 = np.argsort(-probs)[:5]
+        assert row["predicted"] == classes[probs.argmax()], image_id
+        assert row["top5"].split() == list(classes[top5]), image_id
+        predicted_probs = np.array(row["top5_probs"].split(), dtype=float)
+        assert np.allclose(predicted_probs, probs[top5], atol=5e-5 + 1e-5), image_id
 
 
 @pytest.mark.parametrize("command", ["tune", "ensemble", "predict"])

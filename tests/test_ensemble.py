@@ -13,11 +13,19 @@ import yaml
 from helpers import make_image_folder, run_cli, write_image
 from PIL import Image
 
+from ar_ray.cli import print_summary
 from ar_ray.data.size import stored_size
-from ar_ray.ensemble import EnsembleRequest, load_ensemble, run_ensemble
-from ar_ray.ensemble_weights import combine
+from ar_ray.ensemble import (
+    EnsembleRequest,
+    EnsembleSummary,
+    estimate,
+    load_ensemble,
+    run_ensemble,
+)
+from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.inference import InferenceOptions, ensemble_top_k, member_probabilities
 from ar_ray.members import MemberSpec, TrainOptions, member_train_loop, train_member
+from ar_ray.metrics import classification_metrics
 from ar_ray.predict import recorded_stored_size, run_predict
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -78,25 +86,63 @@ def test_ensemble_writes_every_output(ensemble_run, small_splits):
     metrics = pd.read_csv(run / "ensemble" / "metrics.csv")
     assert set(metrics["split"]) == {"val", "test"}
     assert {"uniform", "greedy", "nll", "final"} <= set(metrics["name"])
+    estimates = metrics.groupby(["split", "kind"])["estimate"].unique().map(list).to_dict()
+    assert estimates == {
+        ("val", "member"): ["selected-on-val"],
+        ("val", "ensemble"): ["out-of-fold"],
+        ("test", "member"): ["held-out"],
+        ("test", "ensemble"): ["held-out"],
+    }
     assert "![" in (run / "ensemble" / "report.md").read_text()
 
 
-def test_greedy_val_score_is_at_least_the_best_members(ensemble_run):
-    run, _ = ensemble_run
-    metrics = pd.read_csv(run / "ensemble" / "metrics.csv")
-    val = metrics[metrics["split"] == "val"]
-    best_member = val[val["kind"] == "member"]["top1"].max()
-    assert val[val["name"] == "greedy"]["top1"].item() >= best_member
-    assert val[val["name"] == "final"]["top1"].item() >= best_member
+def test_saved_val_probabilities_reproduce_the_out_of_fold_scores_and_the_weights(
+    ensemble_run, small_splits
+):
+    """metrics.csv's val ensemble rows are the cross-fit of probs_val.npz on its recorded
+    folds (5, dealt with the run's seed), and ensemble.yaml holds the chosen method refitted
+    on all of val."""
+    run, summary = ensemble_run
+    saved = np.load(run / "ensemble" / "probs_val.npz")
+    assert list(saved["ids"]) == small_splits.val.ids
+    assert np.array_equal(saved["folds"], stratified_folds(saved["labels"], 5, seed=0))
+    fit = cross_fit(saved["member_probs"], saved["labels"], saved["folds"])
+    metrics = pd.read_csv(run / "ensemble" / "metrics.csv").set_index(["split", "name"])
+    for method, probs in fit.out_of_fold.items():
+        reported = metrics.loc[("val", method), ["top1", "top5", "nll"]]
+        expected = classification_metrics(probs, saved["labels"])
+        assert np.allclose(reported, [expected[k] for k in ("top1", "top5", "nll")], atol=1e-9)
+    record = yaml.safe_load((run / "ensemble" / "ensemble.yaml").read_text())
+    assert record["method"] == summary.chosen == fit.chosen
+    assert np.allclose(record["weights"], fit.fitted[fit.chosen].weights, atol=1e-6)
+    assert record["fold_methods"] == list(fit.fold_choices)
 
 
-def test_weights_are_non_negative_and_sum_to_one(ensemble_run):
-    run, _ = ensemble_run
-    weights = pd.read_csv(run / "ensemble" / "weights.csv")
-    assert (weights["weight"] >= 0).all()
-    assert np.allclose(weights.groupby("method")["weight"].sum(), 1.0)
-    saved = yaml.safe_load((run / "ensemble" / "ensemble.yaml").read_text())
-    assert np.isclose(sum(saved["weights"]), 1.0)
+def test_headline_compares_with_the_member_best_on_val_not_on_test(capsys):
+    rows = [  # member b is best on test, a on val: the headline must name a
+        ("a", "member", "val", 0.70),
+        ("b", "member", "val", 0.60),
+        ("final", "ensemble", "val", 0.72),
+        ("a", "member", "test", 0.50),
+        ("b", "member", "test", 0.65),
+        ("final", "ensemble", "test", 0.55),
+    ]
+    metrics = pd.DataFrame(
+        [
+            {"name": n, "kind": k, "split": s, "estimate": estimate(s, k), "top1": t, "nll": 1.0}
+            for n, k, s, t in rows
+        ]
+    )
+    print_summary(EnsembleSummary(metrics=metrics, chosen="nll", folder="runs/x/ensemble"))
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "val top-1: ensemble (nll weights) 72.00% (out-of-fold) "
+        "vs best member a 70.00% (selected-on-val; best on val)"
+    ) in lines
+    assert (
+        "test top-1: ensemble (nll weights) 55.00% (held-out) "
+        "vs best member a 50.00% (held-out; best on val)"
+    ) in lines
 
 
 def test_actor_tencrop_equals_local_tencrop(ensemble_run, small_splits):
@@ -139,16 +185,15 @@ def test_predict_labels_a_folder_of_mixed_images(ensemble_run, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_predict_gives_the_probabilities_the_actors_gave_ensemble(ensemble_run, small_splits):
-    """The same weights and TenCrop through both paths: predict's top-1 confidence equals
-    the final ensemble's probability for the same stored image."""
+def test_predict_gives_the_probabilities_the_ensemble_saved(ensemble_run, small_splits):
+    """The same weights, temperature and TenCrop through both paths: predict's top-5 classes
+    and probabilities equal the saved val probabilities combined with the saved weights."""
     run, _ = ensemble_run
     checkpoints, weights, record = load_ensemble(str(run))
     images = small_splits.val.images[:8]
-    (member,) = member_probabilities(
-        checkpoints, [images], tta=record["tta"], options=InferenceOptions()
-    )
+    member = np.load(run / "ensemble" / "probs_val.npz")["member_probs"][:, :8]
     expected = combine(member, weights)
+    top5 = np.argsort(-expected, axis=1)[:, :5]
     batch = {"path": np.arange(8).astype(str), "image": np.asarray(images), "error": np.full(8, "")}
     rows = next(
         ensemble_top_k(
@@ -157,12 +202,12 @@ def test_predict_gives_the_probabilities_the_actors_gave_ensemble(ensemble_run, 
             weights,
             tta=record["tta"],
             options=InferenceOptions(),
-            top_k=3,
+            top_k=5,
         )
     )
     order = np.argsort(rows["path"].astype(int))
-    assert np.array_equal(rows["classes"][order][:, 0], expected.argmax(axis=1))
-    assert np.allclose(rows["probs"][order][:, 0], expected.max(axis=1), atol=1e-5)
+    assert np.array_equal(rows["classes"][order], top5)
+    assert np.allclose(rows["probs"][order], np.take_along_axis(expected, top5, 1), atol=1e-5)
 
 
 def test_predict_decodes_files_to_the_stored_size_the_ensemble_recorded(

@@ -8,11 +8,13 @@ import pytest
 from ar_ray.ensemble_weights import (
     TEMPERATURE_RANGE,
     FittedWeights,
-    choose,
+    best_method,
     combine,
+    cross_fit,
     fit_all,
     greedy_selection,
     nll_optimal,
+    stratified_folds,
     uniform,
 )
 from ar_ray.metrics import negative_log_likelihood, top_k_accuracy
@@ -75,14 +77,137 @@ def test_uniform_weights_sum_to_one_and_average_the_members():
     np.testing.assert_allclose(combine(MEMBERS, fitted), MEMBERS.mean(axis=0), atol=1e-12)
 
 
-def test_greedy_beats_the_best_member_with_a_complementary_pair():
-    fitted = greedy_selection(MEMBERS, LABELS)
-    assert fitted.method == "greedy"
-    assert (fitted.weights >= 0).all()
-    assert fitted.weights.sum() == pytest.approx(1.0)
-    assert top1(fitted) == 1.0 > 0.8
+FOLD_OF = stratified_folds(LABELS, 5, seed=0)
+
+
+def in_fold(fold: int) -> np.ndarray:
+    return np.equal(FOLD_OF, fold)
+
+
+def fold_top1(probs: np.ndarray, labels: np.ndarray = LABELS) -> list[float]:
+    return [top_k_accuracy(probs[in_fold(k)], labels[in_fold(k)], 1) for k in range(5)]
+
+
+def test_greedy_beats_the_best_member_out_of_fold_with_a_complementary_pair():
+    """Complementary errors are structure, not noise: weights fitted on four folds mend the
+    fifth. Every fold is scored with weights that never saw it."""
+    fit = cross_fit(MEMBERS, LABELS, FOLD_OF)
+    greedy = fold_top1(fit.out_of_fold["greedy"])
+    best_member = fold_top1(STRONG)
+    assert all(g > b for g, b in zip(greedy, best_member, strict=True)), (greedy, best_member)
+    assert top_k_accuracy(fit.out_of_fold["greedy"], LABELS, 1) == 1.0 > 0.8
+    fitted = fit.fitted["greedy"]  # refitted on all of val
+    assert fitted.method == "greedy" and fitted.weights.sum() == pytest.approx(1.0)
     assert fitted.weights[2] > 0 and fitted.weights[3] > 0
     assert fitted.weights[1] == 0  # the weak member never helps
+
+
+def put(probs: np.ndarray, mask: np.ndarray, on_label: float, on_next: float) -> None:
+    """Rows in `mask`: `on_label` on the label, `on_next` on the next class, the rest shared."""
+    rows = np.flatnonzero(mask)
+    probs[rows] = (1 - on_label - on_next) / (K - 2)
+    probs[rows, LABELS[rows]] = on_label
+    probs[rows, (LABELS[rows] + 1) % K] = on_next
+
+
+def overfitting_members() -> np.ndarray:
+    """A dominant member (80%) and five that only flatter it on the images they were fitted
+    on: member f confidently mends the dominant member's errors in fold f and is weakly wrong
+    on 3 images of every other fold. Alone each is worse than the dominant member; mixed in,
+    the weak errors vanish, so in-sample they look like pure gain. On a fold they never saw
+    they mend nothing (the fold they mend is never both fitted on and scored)."""
+    right = np.random.default_rng(2).permutation(N) < 0.8 * N
+    dominant = np.empty((N, K))
+    put(dominant, right, 0.55, 0.15)
+    put(dominant, ~right, 0.15, 0.55)
+    members = [dominant]
+    for fold in range(5):
+        member = dominant.copy()
+        put(member, in_fold(fold) & ~right, 0.9, 0.02)
+        weakly_wrong = np.zeros(N, dtype=bool)
+        for other in set(range(5)) - {fold}:
+            weakly_wrong[np.flatnonzero(in_fold(other) & right)[:3]] = True
+        put(member, weakly_wrong, 0.35, 0.45)
+        members.append(member)
+    return np.stack(members)
+
+
+OVERFITTING = overfitting_members()
+
+
+@pytest.fixture(scope="module")
+def overfitting_fit():
+    return cross_fit(OVERFITTING, LABELS, FOLD_OF)
+
+
+def test_out_of_fold_greedy_does_not_beat_a_dominant_member_that_in_sample_greedy_beats(
+    overfitting_fit,
+):
+    solo = [top_k_accuracy(m, LABELS, 1) for m in OVERFITTING]
+    assert solo[0] == pytest.approx(0.8) and max(solo[1:]) < solo[0]  # the dominant member
+    in_sample = combine(OVERFITTING, greedy_selection(OVERFITTING, LABELS))
+    assert top_k_accuracy(in_sample, LABELS, 1) > solo[0] + 0.05  # the trap is real
+    # Weights fitted in-sample, or on folds that include the one scored, would pass it on.
+    assert top_k_accuracy(overfitting_fit.out_of_fold["greedy"], LABELS, 1) <= solo[0]
+    # The method is chosen by its out-of-fold score, so greedy's in-sample win does not count.
+    assert overfitting_fit.chosen != "greedy"
+    assert top_k_accuracy(overfitting_fit.out_of_fold["final"], LABELS, 1) >= solo[0]
+
+
+def test_a_folds_own_labels_never_fit_the_weights_that_score_it(overfitting_fit):
+    """Scramble fold 0's labels: everything scored in fold 0 stays as it was (the weights
+    and method choice for it come from folds 1-4), while other folds, whose weights were
+    fitted with fold 0's labels, change."""
+    labels = LABELS.copy()
+    first_fold = in_fold(0)
+    labels[first_fold] = np.random.default_rng(3).permutation((LABELS[first_fold] + 1) % K)
+    scrambled = cross_fit(OVERFITTING, labels, FOLD_OF)
+    for method, probs in overfitting_fit.out_of_fold.items():
+        np.testing.assert_array_equal(scrambled.out_of_fold[method][first_fold], probs[first_fold])
+    assert scrambled.fold_choices[0] == overfitting_fit.fold_choices[0]
+    assert any(
+        not np.array_equal(scrambled.out_of_fold[method][~first_fold], probs[~first_fold])
+        for method, probs in overfitting_fit.out_of_fold.items()
+    )
+
+
+def test_final_is_the_method_each_fold_chose_and_the_refit_uses_all_of_val(overfitting_fit):
+    fit = overfitting_fit
+    for fold, method in enumerate(fit.fold_choices):
+        rows = in_fold(fold)
+        np.testing.assert_array_equal(fit.out_of_fold["final"][rows], fit.out_of_fold[method][rows])
+    scores = {m: p for m, p in fit.out_of_fold.items() if m != "final"}
+    assert fit.chosen == best_method(scores, LABELS)
+    for method, weights in fit_all(OVERFITTING, LABELS).items():
+        np.testing.assert_allclose(fit.fitted[method].weights, weights.weights, atol=1e-9)
+
+
+def test_stratified_folds_are_seeded_balanced_and_cover_every_image():
+    labels = np.repeat(np.arange(3), [7, 12, 5])
+    folds = stratified_folds(labels, 5, seed=1)
+    assert np.array_equal(folds, stratified_folds(labels, 5, seed=1))
+    assert not np.array_equal(folds, stratified_folds(labels, 5, seed=2))
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.sum() == labels.size and sizes.max() - sizes.min() <= 1
+    for label, count in enumerate([7, 12, 5]):
+        per_fold = np.bincount(folds[labels == label], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
+
+
+@pytest.mark.parametrize(
+    ("count", "folds", "message"),
+    [(4, 5, "5 folds need at least 5 validation images"), (10, 2, "at least 3 folds")],
+)
+def test_too_few_images_or_folds_is_a_clear_error(count, folds, message):
+    with pytest.raises(ValueError, match=message):
+        stratified_folds(np.zeros(count, dtype=int), folds)
+
+
+def test_cross_fit_rejects_an_empty_fold():
+    fold_of = np.arange(N) % 4
+    fold_of[fold_of == 1] = 0
+    with pytest.raises(ValueError, match=r"non-empty folds.*\[100, 0, 50, 50\]"):
+        cross_fit(MEMBERS, LABELS, fold_of)
 
 
 def test_greedy_keeps_the_best_single_member_when_nothing_helps():
@@ -140,22 +265,28 @@ def test_temperature_keeps_rows_normalised_and_the_argmax():
         assert sharper == (temperature < 1)
 
 
-def test_choose_picks_the_best_validation_score():
+def applied(fitted: dict[str, FittedWeights]) -> dict[str, np.ndarray]:
+    return {name: combine(MEMBERS, weights) for name, weights in fitted.items()}
+
+
+def test_best_method_picks_the_best_score():
     fitted = {
         "weak": FittedWeights("weak", [0, 1, 0, 0]),
         "pair": FittedWeights("pair", [0, 0, 0.5, 0.5]),
         "strong": FittedWeights("strong", [1, 0, 0, 0]),
     }
-    assert choose(fitted, MEMBERS, LABELS) == "pair"
+    assert best_method(applied(fitted), LABELS) == "pair"
     # Equal top-1 (both 100%): the lower NLL wins.
     sharper = {**fitted, "sharp pair": FittedWeights("pair", [0, 0, 0.5, 0.5], 0.5)}
-    assert choose(sharper, MEMBERS, LABELS) == "sharp pair"
+    assert best_method(applied(sharper), LABELS) == "sharp pair"
+    # A tie in both keeps the earlier one.
+    assert best_method(applied({"a": uniform(4), "b": uniform(4)}), LABELS) == "a"
 
 
-def test_fit_all_returns_every_method_and_choose_agrees_with_the_scores():
+def test_fit_all_returns_every_method_and_best_method_agrees_with_the_scores():
     fitted = fit_all(MEMBERS, LABELS, size=10)
     assert set(fitted) == {"uniform", "greedy", "nll"}
-    best = choose(fitted, MEMBERS, LABELS)
+    best = best_method(applied(fitted), LABELS)
     scores = {name: (top1(w), -nll(w)) for name, w in fitted.items()}
     assert scores[best] == max(scores.values())
 

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ar_ray.ensemble import estimate
 from ar_ray.metrics import classification_metrics, reliability_table
-from ar_ray.report import markdown_table, write_report
+from ar_ray.report import markdown_table, members_vs_ensemble_figure, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = {"members_vs_ensemble.png", "weights.png", "reliability.png"}
@@ -21,12 +22,14 @@ def metrics_frame(splits: tuple[str, ...] = ("val", "test")) -> pd.DataFrame:
         [
             {
                 "name": name,
-                "kind": "ensemble" if name == "final" else "member",
+                "kind": kind,
                 "split": split,
+                "estimate": estimate(split, kind),
                 **classification_metrics(probs, LABELS),
             }
             for name, probs in PROBS.items()
             for split in splits
+            for kind in ["ensemble" if name == "final" else "member"]
         ]
     )
 
@@ -84,3 +87,40 @@ def test_markdown_table_formats_floats_escapes_pipes_and_blanks_nan():
         "| a\\|b | 3 | 0.1235 |",
         "| c | 4 |  |",
     ]
+
+
+def test_top1_plot_labels_every_bar_shows_small_gaps_and_keeps_long_names_off_the_legend():
+    long_name = "trial_0042_resnet50_seed7_sce_cr_mt_tencrop"
+    metrics = pd.DataFrame(
+        [
+            {
+                "name": name,
+                "kind": kind,
+                "split": split,
+                "estimate": estimate(split, kind),
+                "top1": top1,
+            }
+            for name, kind, val, test in [
+                (long_name, "member", 0.800, 0.790),
+                ("trial_7", "member", 0.780, 0.785),
+                ("final", "ensemble", 0.804, 0.794),  # a 0.4-point gain on each split
+            ]
+            for split, top1 in (("val", val), ("test", test))
+        ]
+    )
+    fig = members_vs_ensemble_figure(metrics)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    texts = {t.get_text() for t in ax.texts}
+    assert {"80.0%", "79.0%", "78.0%", "78.5%", "80.4%", "79.4%"} <= texts
+    low, high = ax.get_xlim()
+    assert (0.804 - 0.800) / (high - low) > 0.03  # a 0-1 axis would give 0.004
+    assert low <= 0.78 and high >= 0.804
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["val (out-of-fold)", "test (held-out)"]
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    for tick in ax.get_yticklabels():
+        assert not box.overlaps(tick.get_window_extent(renderer)), tick.get_text()
+    assert long_name in [t.get_text() for t in ax.get_yticklabels()]
+    assert "ensemble: final" in [t.get_text() for t in ax.get_yticklabels()]
