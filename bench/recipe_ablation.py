@@ -29,7 +29,7 @@ import torch
 
 from ar_ray.config import RunConfig
 from ar_ray.data import ImageSplit, load_dataset
-from ar_ray.ensemble_weights import choose, combine, fit_all
+from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.metrics import top_k_accuracy
 from ar_ray.outputs import atomic_write_csv, atomic_write_text
 from ar_ray.recipe.augment import CROPS_PER_IMAGE, predict_probabilities
@@ -114,8 +114,8 @@ def seed_rows(epochs: int, seed: int, splits) -> list[dict]:
     rows.append(row(TENCROP_ROW, runs[MT_ROW]["test_tencrop"]))
     val = np.stack([runs[n]["val_center"] for n in ENSEMBLE_MEMBERS])
     test = np.stack([runs[n]["test_center"] for n in ENSEMBLE_MEMBERS])
-    fitted = fit_all(val, val_labels)
-    rows.append(row(ENSEMBLE_ROW, combine(test, fitted[choose(fitted, val, val_labels)])))
+    fit = cross_fit(val, val_labels, stratified_folds(val_labels, seed=seed))
+    rows.append(row(ENSEMBLE_ROW, combine(test, fit.fitted[fit.chosen])))
     best = max(range(len(val)), key=lambda m: top_k_accuracy(val[m], val_labels, 1))
     rows.append(row(BEST_MEMBER_ROW, test[best]))
     return rows
