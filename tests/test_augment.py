@@ -5,12 +5,14 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from ar_ray.config import RunConfig
 from ar_ray.recipe.augment import (
     AugmentedViews,
     build_batch_mixer,
     build_train_transform,
+    eval_resize_size,
     predict_probabilities,
     ten_crop_batch,
 )
@@ -38,12 +40,27 @@ class PositionNet(nn.Module):
         return self.linear(x.flatten(1))
 
 
-def test_ten_crop_gives_ten_crops_per_image_as_one_batch():
-    images = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8)
-    crops = ten_crop_batch(images, 28)
-    assert crops.shape == (30, 3, 28, 28)
-    # crop-major: the 5th crop (centre) of image 1 and its flip (10th) are mirror images
-    assert torch.equal(crops[4 * 3 + 1].flip(-1), crops[9 * 3 + 1])
+def torchvision_ten_crops(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The reference: torchvision's `v2.TenCrop` on each image alone, stacked crop-major."""
+    per_image = [torch.stack(v2.TenCrop(size)(image)) for image in images]  # [10, C, S, S] each
+    return torch.stack(per_image, dim=1).flatten(0, 1)
+
+
+def gradient_images(count: int, side: int) -> torch.Tensor:
+    """uint8 images whose every pixel differs from its neighbours, so any other crop position,
+    flip or order changes the result."""
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    planes = [(x + 3 * y + 50 * c + 90 * b) % 256 for b in range(count) for c in range(3)]
+    return torch.stack(planes).view(count, 3, side, side).to(torch.uint8)
+
+
+def test_ten_crop_positions_and_order_match_torchvision_ten_crop():
+    size = 24
+    images = gradient_images(3, eval_resize_size(size))  # at the eval size: no resize applies
+    crops = ten_crop_batch(images, size)
+    assert crops.shape == (30, 3, size, size)
+    assert torch.equal(crops, torchvision_ten_crops(images, size))
+    assert len({bytes(crop.flatten().tolist()) for crop in crops}) == 30  # no two alike
 
 
 def test_tencrop_on_constant_image_equals_centre_prediction():
@@ -60,9 +77,10 @@ def test_tencrop_on_constant_image_equals_centre_prediction():
 
 def test_tencrop_averages_the_ten_crops():
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    side = eval_resize_size(24)  # TenCrop's input size, so no resize sits between the two
+    images = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8)
     model = PositionNet(24)
-    crops = ten_crop_batch(images, 24).float() / 255
+    crops = torchvision_ten_crops(images, 24).float() / 255
     expected = torch.softmax(model(crops), 1).view(10, 2, 4).mean(0)
     assert torch.allclose(predict_probabilities(model, images, 24, "tencrop"), expected, atol=1e-6)
     assert not torch.allclose(expected, predict_probabilities(model, images, 24, "center"))

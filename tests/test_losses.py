@@ -2,10 +2,19 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_ray.recipe.losses import nt_xent, soft_cross_entropy, supcon, symmetric_cross_entropy
+from ar_ray.config import RunConfig
+from ar_ray.recipe.augment import build_batch_mixer
+from ar_ray.recipe.losses import (
+    dominant_labels,
+    nt_xent,
+    soft_cross_entropy,
+    supcon,
+    symmetric_cross_entropy,
+)
 
 
 def test_sce_with_alpha_one_beta_zero_is_cross_entropy():
@@ -76,3 +85,25 @@ def test_supcon_pulls_same_class_together():
     labels = torch.tensor([0, 0, 1, 1])
     shuffled = labels[[0, 2, 1, 3]]
     assert supcon(grouped, grouped, labels, 0.1) < supcon(grouped, grouped, shuffled, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["mixup_alpha", "cutmix_alpha"])
+def test_supcon_positive_class_is_what_most_of_the_mixed_pixels_show(kind):
+    """Each sample is one-hot over channels, so a mixed sample's per-channel mean is the share
+    of its pixels (CutMix) or intensity (MixUp) that came from each source image: the truth the
+    positive label must follow, read from the pixels rather than from the mixer's targets."""
+    labels = torch.tensor([3, 0, 2, 1])
+    sources = torch.eye(4)[:, :, None, None].expand(4, 4, 15, 15)  # odd area: no exact halves
+    views = torch.stack([sources, sources], dim=1)  # [B, V, C, H, W] as the engine mixes
+    mix = build_batch_mixer(RunConfig(**{kind: 1.0}), num_classes=5)
+    own_shares = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mixed, targets = mix(views, labels)
+        shares = mixed[:, 0].mean(dim=(-2, -1))  # [sample, source]
+        pixel_label = labels[shares.argmax(dim=1)]
+        assert torch.equal(dominant_labels(targets), pixel_label)
+        assert (targets.gather(1, pixel_label[:, None]) >= 0.5).all()
+        own_shares += shares.diagonal().tolist()
+    # real mixes on both sides of one half: some samples took their partner's class
+    assert min(own_shares) < 0.45 and max(s for s in own_shares if s < 1) > 0.55

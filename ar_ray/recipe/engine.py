@@ -32,7 +32,7 @@ from ar_ray.recipe.augment import (
     to_unit_float,
 )
 from ar_ray.recipe.checkpoint import CheckpointError, load_weights
-from ar_ray.recipe.losses import contrastive_regularization, soft_cross_entropy
+from ar_ray.recipe.losses import contrastive_regularization, dominant_labels, soft_cross_entropy
 from ar_ray.recipe.losses import symmetric_cross_entropy as sce
 from ar_ray.recipe.models import ARNet
 from ar_ray.recipe.teacher import EmaTeacher, rampup, soft_pseudo_labels
@@ -176,6 +176,12 @@ class _Run:
         self.model = ARNet(config, splits.num_classes)
         stats = splits.train.channel_stats  # computed once, when the splits were built
         self.model.set_normalization(torch.tensor(stats.mean), torch.tensor(stats.std))
+        if self.world > 1 and device.type == "cuda":
+            # Batch statistics over the global batch, as the 1-worker trial had. CUDA only:
+            # torch 2.14's DDP refuses SyncBatchNorm on CPU ("SyncBatchNorm layers only work
+            # with GPU modules"), so gloo workers on CPU keep per-worker statistics. ARNet is
+            # not a BatchNorm itself, so its layers are swapped in place.
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(device)
         if device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -261,7 +267,7 @@ class _Run:
                     second,
                     config.cr_temperature,
                     config.cr_variant,
-                    targets[:batch].argmax(dim=1),
+                    dominant_labels(targets[:batch]),
                 )
             if self.teacher is not None:
                 with torch.no_grad():

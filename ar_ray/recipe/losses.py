@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -67,12 +68,75 @@ def supcon(z1: Tensor, z2: Tensor, labels: Tensor, temperature: float) -> Tensor
     return -(log_prob.sum(dim=1) / positives.sum(dim=1)).mean()
 
 
+def dominant_labels(soft_targets: Tensor) -> Tensor:
+    """The class a (possibly mixed) sample stands for when SupCon picks its positives.
+
+    Mixup and CutMix blend two classes with weights lambda and 1 - lambda, so one of them
+    always carries weight >= 0.5: that dominant class is the sample's positive class, whichever
+    of the two images it started as. A CutMix image whose pasted box covers more than half of
+    it therefore counts as its partner's class, because that is what most of its pixels show.
+    An exact 0.5 tie goes to the lower class index (`argmax` keeps the first maximum).
+    """
+    return soft_targets.argmax(dim=1)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """`all_gather` along dim 0 whose backward sums every worker's gradient for this
+    worker's rows (an all-reduce, then this worker's slice).
+
+    Written out rather than `torch.distributed.nn.functional.all_gather` because torch 2.14
+    deprecates that (FutureWarning) in favour of a private module; `all_gather` and
+    `all_reduce` are public and run on gloo and nccl alike.
+    """
+
+    @staticmethod
+    def forward(ctx, local: Tensor) -> Tensor:
+        ctx.rows = len(local)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd owns `grad`
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_across_workers(local: Tensor) -> Tensor:
+    """This worker's rows -> every worker's rows, rank-major; unchanged outside DDP.
+
+    Every worker must pass the same number of rows (the train loader drops the last partial
+    batch and `DistributedSampler` gives every rank as many samples).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    return _GatherWithGradient.apply(local)
+
+
 def contrastive_regularization(
     z1: Tensor, z2: Tensor, temperature: float, variant: str, labels: Tensor
 ) -> Tensor:
-    """The CR term of `L = SCE + lambda_cr * CR`; `variant` chooses instance or class positives."""
+    """The CR term of `L = SCE + lambda_cr * CR`; `variant` chooses instance or class positives.
+
+    Under data parallelism the term is the loss of the global batch, so a member trains the
+    objective its 1-worker trial was tuned on: view 1 and view 2 are gathered separately,
+    rank-major, so row i of the first still has its twin at row i of the second, and every
+    worker computes the same full loss over all 2N projections (negatives and SupCon
+    positives from every worker; labels carry no gradient).
+
+    Why no scaling: every worker holds the whole loss L, and the gather's backward sums the
+    W workers' gradients for a worker's rows, so that worker's projections receive
+    W * dL/dz. DDP then averages the parameter gradients over the W workers, which divides
+    by W again: the averaged gradient is exactly dL/dtheta of one process on the whole batch,
+    and the loss value is the whole batch's too (as the local-mean SCE term's is, on average).
+    Computing all 2N x 2N similarities on every worker duplicates a small matrix product in
+    exchange for that exact value.
+    """
+    if variant not in ("ntxent", "supcon"):
+        raise ValueError(f"unknown contrastive variant {variant!r}")
+    z1, z2 = gather_across_workers(z1), gather_across_workers(z2)
     if variant == "ntxent":
         return nt_xent(z1, z2, temperature)
-    if variant == "supcon":
-        return supcon(z1, z2, labels, temperature)
-    raise ValueError(f"unknown contrastive variant {variant!r}")
+    return supcon(z1, z2, gather_across_workers(labels), temperature)
