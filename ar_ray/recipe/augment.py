@@ -8,6 +8,7 @@ cropped on the model's device, so TenCrop is one forward of 10B images, never te
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -121,6 +122,14 @@ def ten_crop_batch(images: Tensor, image_size: int) -> Tensor:
     return torch.cat(v2.functional.ten_crop(stored, [image_size, image_size]))
 
 
+def device_autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA (tensor cores, fp32's range); plain fp32 elsewhere, where CPU
+    autocast would only add casts around the convolutions."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 EVAL_VIEWS: dict[str, Callable[[Tensor, int], Tensor]] = {
     "none": whole_image_batch,
     "center": center_crop_batch,
@@ -141,9 +150,8 @@ def predict_probabilities(model: nn.Module, images: Tensor, image_size: int, tta
     device = next(model.parameters()).device
     crops = to_unit_float(EVAL_VIEWS[tta](images.to(device, non_blocking=True), image_size))
     if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(crops.contiguous(memory_format=torch.channels_last))
-    else:
+        crops = crops.contiguous(memory_format=torch.channels_last)
+    with device_autocast(device):
         logits = model(crops)
     probabilities = torch.softmax(logits.float(), dim=1)
     return probabilities.view(-1, len(images), probabilities.shape[1]).mean(dim=0)
