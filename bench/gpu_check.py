@@ -403,6 +403,7 @@ def inference_section(sizes: Sizes, device: torch.device, folder: Path) -> dict[
     extra = seconds[large] - seconds[small]  # a loaded machine can make it <= 0
     steady = (large - small) / extra if extra > 0 else None
     actors = tally.frame()
+    rate = f"{steady:,.0f} img/s steady" if steady else "steady rate not measurable (noise)"
     return {
         "arch": config.arch,
         "seconds_by_images": seconds,
@@ -413,7 +414,7 @@ def inference_section(sizes: Sizes, device: torch.device, folder: Path) -> dict[
             "probabilities": bool(np.allclose(probs.sum(axis=-1), 1.0, atol=1e-3)),
             "actor_holds_gpu": bool((actors["gpus"] == gpus).all()),
         },
-        "summary": f"TenCrop {steady or 0:,.0f} img/s steady ({config.arch}, {gpus:g} GPU actor)",
+        "summary": f"TenCrop {rate} ({config.arch}, {gpus:g} GPU actor)",
     }
 
 
