@@ -256,8 +256,7 @@ def recipe_section(sizes: Sizes, device: torch.device, folder: Path) -> dict[str
     difference = max_weight_difference(straight.state, resumed.state)
     steps = (len(splits.train) // config.batch_size) * (config.epochs + 1)
     return {
-        "config": {key: config.to_dict()[key] for key in ("arch", "policy", "cr_weight")}
-        | {"mt_weight": config.mt_weight, "image_size": config.image_size},
+        "config": config.to_dict(),
         "steps": steps,
         "train_losses": losses,
         "max_abs_weight_difference": difference,
@@ -316,10 +315,7 @@ def throughput_section(sizes: Sizes, device: torch.device, arch: str) -> dict[st
     real = pipeline_rate(config, sizes, device)
     ratio = real / synthetic
     return {
-        "arch": arch,
-        "image_size": config.image_size,
-        "batch_size": config.batch_size,
-        "policy": config.policy,
+        "config": config.to_dict(),
         "synthetic_images_per_s": synthetic,
         "pipeline_images_per_s": real,
         "pipeline_vs_synthetic": ratio,
@@ -368,6 +364,7 @@ def member_section(sizes: Sizes, device: torch.device, folder: Path) -> dict[str
     losses = pd.read_csv(Path(member_dir(root, spec.member_id)) / "metrics.csv")["train_loss"]
     want_device = "cuda" if gpus else "cpu"
     return {
+        "config": config.to_dict(),
         "status": status[spec.member_id],
         "worker": worker,
         "train_losses": losses.tolist(),
@@ -405,7 +402,7 @@ def inference_section(sizes: Sizes, device: torch.device, folder: Path) -> dict[
     actors = tally.frame()
     rate = f"{steady:,.0f} img/s steady" if steady else "steady rate not measurable (noise)"
     return {
-        "arch": config.arch,
+        "config": config.to_dict(),
         "seconds_by_images": seconds,
         "first_call_images_per_s": small / seconds[small],
         "steady_images_per_s": steady,
