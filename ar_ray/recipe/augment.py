@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ar_ray.config import RunConfig
+from ar_ray.data.size import stored_size
 
-EVAL_CROP_RATIO = 0.875  # the ImageNet convention: resize to size/0.875, then crop size
 CROPS_PER_IMAGE = {"none": 1, "center": 1, "tencrop": 10}
 
 
@@ -98,7 +98,7 @@ def to_unit_float(images: Tensor) -> Tensor:
 
 def eval_resize_size(image_size: int) -> int:
     """The side images are stored at: centre crop and TenCrop then cut real pixels."""
-    return round(image_size / EVAL_CROP_RATIO)
+    return stored_size(image_size)
 
 
 def _resized(images: Tensor, size: int) -> Tensor:
