@@ -153,11 +153,11 @@ def recipe_config(sizes: Sizes) -> RunConfig:
     values |= {
         "image_size": sizes.image_size,
         "small_input": sizes.small_input,
-        "stem_stride": 2,
         "epochs": sizes.recipe_epochs,
         "batch_size": sizes.recipe_batch,
         "warmup_epochs": 1.0,
         "mt_start_epoch": 1,
+        "mt_rampup_epochs": 1.0,
     }
     return RunConfig.from_dict(values, source=str(SPACE))
 
