@@ -31,6 +31,7 @@ from ar_ray.progress import InferenceProgress
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.recipe.engine import default_device
+from ar_ray.recipe.models import place_model
 from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources
 
 BATCH = 64  # images per actor call: 640 crops per forward with TenCrop
@@ -95,7 +96,7 @@ class EnsemblePredictor:
         with tempfile.TemporaryDirectory() as folder:
             for index, source in enumerate(checkpoints):
                 state = load_checkpoint(_fetch(source, Path(folder) / f"{index}.pt"))
-                self.models.append(inference_model(state).to(self.device))
+                self.models.append(place_model(inference_model(state), self.device))
                 sizes.add(int(state["config"]["image_size"]))
         if len(sizes) != 1:
             raise ValueError(f"members were trained at different image sizes {sorted(sizes)}")

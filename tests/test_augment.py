@@ -6,12 +6,14 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from ar_ray.config import RunConfig
 from ar_ray.recipe.augment import (
     AugmentedViews,
     build_batch_mixer,
     build_train_transform,
+    center_crop_batch,
     eval_resize_size,
     predict_probabilities,
     ten_crop_batch,
@@ -85,6 +87,43 @@ def test_tencrop_averages_the_ten_crops():
     assert torch.allclose(predict_probabilities(model, images, 24, "tencrop"), expected, atol=1e-6)
     assert not torch.allclose(expected, predict_probabilities(model, images, 24, "center"))
     assert predict_probabilities(MeanColourNet(), images, 24, "tencrop").shape == (2, 4)
+
+
+def test_images_stored_at_eval_size_are_cropped_not_resampled():
+    size = 24
+    stored = eval_resize_size(size)  # 27: what the data loaders store for 24 px models
+    images = torch.randint(0, 256, (2, 3, stored, stored), dtype=torch.uint8)
+    top = round((stored - size) / 2)
+    assert torch.equal(
+        center_crop_batch(images, size), images[..., top : top + size, top : top + size]
+    )
+    crops = ten_crop_batch(images, size)
+    assert torch.equal(crops[:2], images[..., :size, :size])  # top-left corner, real pixels
+    assert torch.equal(crops[2:4], images[..., :size, -size:])  # top-right corner
+
+
+def test_images_of_another_size_are_resized_to_eval_size_before_cropping():
+    size = 24
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    resized = TF.resize(images, [eval_resize_size(size)] * 2, antialias=True)
+    assert torch.equal(center_crop_batch(images, size), TF.center_crop(resized, [size, size]))
+    assert torch.equal(ten_crop_batch(images, size)[:2], resized[..., :size, :size])
+    assert not torch.equal(center_crop_batch(images, size), TF.center_crop(images, [size, size]))
+
+
+def test_no_tta_scores_the_whole_stored_image_scaled_to_the_model_size():
+    torch.manual_seed(0)
+    size = 24
+    images = torch.randint(0, 256, (2, 3, eval_resize_size(size), eval_resize_size(size)))
+    images = images.to(torch.uint8)
+    model = PositionNet(size)
+    whole = TF.resize(images, [size, size], antialias=True).float() / 255
+    expected = torch.softmax(model(whole), 1)
+    assert torch.allclose(predict_probabilities(model, images, size, "none"), expected, atol=1e-6)
+    assert not torch.allclose(expected, predict_probabilities(model, images, size, "center"))
+    at_model_size = images[..., :size, :size]  # already the model's size: used as it is
+    plain = torch.softmax(model(at_model_size.float() / 255), 1)
+    assert torch.allclose(predict_probabilities(model, at_model_size, size, "none"), plain)
 
 
 def test_train_transform_and_two_views_of_a_read_only_shared_array():
