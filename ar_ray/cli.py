@@ -7,10 +7,12 @@ import shlex
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import yaml
 
 from ar_ray import storage
 from ar_ray.config import TTA_MODES, RunConfig, load_config
@@ -31,6 +33,8 @@ from ar_ray.resources import (
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only for the commands that need them
     from ar_ray.ensemble import EnsembleSummary
+
+Request = TypeVar("Request")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -172,6 +176,59 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="ar", help="experiment name under --storage")
 
 
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The options the user typed: a `--resume` compares these with the record, never
+    argparse's defaults (an omitted `--trials` is not a change to 16)."""
+    parser = build_parser()
+    for action in _every_action(parser):
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _every_action(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield from _every_action(command)
+
+
+LOCATING_OPTIONS = frozenset({"storage", "name", "run"})
+"""They find the recorded run; a path spelt another way is still the same run."""
+
+
+def refuse_changed_options(
+    given: set[str], requested: dict[str, Any], recorded: dict[str, Any], where: str
+) -> None:
+    """`--resume` continues the run recorded in `where`: an option the user gave that
+    disagrees with the record is refused, naming it, rather than mixed in silently."""
+    for key, value in requested.items():
+        if key in given - LOCATING_OPTIONS and key in recorded and value != recorded[key]:
+            raise UserError(
+                f"--{key.replace('_', '-')} {_shown(value)} differs from {_shown(recorded[key])} "
+                f"recorded in {where}; --resume continues the recorded run"
+            )
+
+
+def from_record(cls: type[Request], values: dict[str, Any]) -> Request:
+    """A request dataclass from its recorded form; keys an older ar-ray wrote and this one
+    dropped are ignored, fields it lacks keep their defaults."""
+    known = {field.name for field in fields(cls)}
+    return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def _recorded(where: str) -> dict[str, Any]:
+    """The request a run began with (request.yaml, ensemble.yaml): `--resume` continues it."""
+    try:
+        return yaml.safe_load(storage.read_text(where))["request"]
+    except (yaml.YAMLError, KeyError, TypeError) as error:
+        raise UserError(f"{where}: corrupted record ({type(error).__name__})") from None
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _positive(name: str, value: float | None) -> None:
     if value is not None and value < 1:
         raise UserError(f"{name}={value} must be >= 1")
@@ -249,6 +306,8 @@ def _tune(args: argparse.Namespace) -> int:
         experiment_root,
         prepare_experiment_dir,
         print_leaderboard,
+        request_path,
+        resolve_first_rung,
         run_tune,
     )
 
@@ -276,12 +335,20 @@ def _tune(args: argparse.Namespace) -> int:
     )
     storage.ensure_writable(experiment_root(request))
     prepare_experiment_dir(experiment_dir(request), resume=args.resume, overwrite=args.overwrite)
+    if args.resume:  # the recorded request goes on; a flag that disagrees with it is refused
+        recorded = from_record(TuneRequest, _recorded(request_path(request)))
+        refuse_changed_options(args.given, asdict(request), asdict(recorded), request_path(request))
+        if recorded.data != request.data:
+            listing = list_data(recorded.data_resolved or recorded.data)
+        request = recorded
+    else:  # a searched key that can never act fails here, before Ray starts
+        request = resolve_first_rung(request, space)
     connect(args.address)
     splits = load_splits(
         listing,
         base_config(request, space).image_size,
-        skip_bad_images=args.skip_bad_images,
-        limit_per_class=args.limit_per_class,
+        skip_bad_images=request.skip_bad_images,
+        limit_per_class=request.limit_per_class,
         experiment=experiment_root(request),
     )
     board = run_tune(request, space, splits, resume=args.resume)
@@ -292,7 +359,14 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _ensemble(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
-    from ar_ray.ensemble import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
+    from ar_ray.ensemble import (
+        ENSEMBLE_DIR,
+        ENSEMBLE_FILE,
+        EnsembleRequest,
+        plan_members,
+        prepare_ensemble_dir,
+        run_ensemble,
+    )
     from ar_ray.tune import load_tune_record
 
     for flag in ("members", "epochs", "workers_per_member", "max_concurrent", "max_actors"):
@@ -321,6 +395,11 @@ def _ensemble(args: argparse.Namespace) -> int:
         gpus_per_actor=actor.gpus,
         max_actors=args.max_actors or DEFAULT_MAX_ACTORS,
     )
+    where = storage.join(root, ENSEMBLE_DIR, ENSEMBLE_FILE)
+    if args.resume and storage.exists(where):  # a finished ensemble: its request goes on
+        recorded = from_record(EnsembleRequest, _recorded(where))
+        refuse_changed_options(args.given, asdict(request), asdict(recorded), where)
+        request = replace(recorded, run=args.run)
     plan_members(request, record)  # a bad --members fails before any Ray work starts
     listing = list_data(record.data)  # the folder tune read, checked again before Ray starts
     prepare_ensemble_dir(root, resume=args.resume, overwrite=args.overwrite)
@@ -382,6 +461,7 @@ def resume_command(argv: Sequence[str], command: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.given = given_options(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     treat_sigterm_as_interrupt()
     try:

@@ -284,6 +284,7 @@ def run_ensemble(
         "tta": request.tta,
         "classes": list(splits.classes),
         "image_size": record.base.image_size,
+        "stored_size": splits.stored_size,  # `predict` decodes new images to this square
         "request": asdict(request),
         "env": environment_info(),
     }

@@ -7,6 +7,8 @@ runs the recipe's engine, checkpoints every epoch and survives worker or node lo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -120,9 +122,17 @@ def select_members(
         if archs:
             config = config.replace(arch=archs[number % len(archs)])
         trial = str(ranked["trial_id"][index])
-        member_id = f"m{number + 1}-{config.arch}-{trial}-s{config.seed}"
+        member_id = make_member_id(number, trial, config)
         members.append(MemberSpec(member_id, config, trial, int(ranked["rank"][index]), reason))
     return members
+
+
+def make_member_id(number: int, trial_id: str, config: RunConfig) -> str:
+    """Readable (pick, backbone, trial, seed) plus a hash of the whole resolved config:
+    `--resume` reuses a member only if it was trained exactly so, epochs included, and a
+    changed config trains a new member instead of reusing a stale one."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    return f"m{number + 1}-{config.arch}-{trial_id}-s{config.seed}-{digest[:8]}"
 
 
 def member_train_loop(loop_config: dict[str, Any]) -> None:

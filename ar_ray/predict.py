@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,6 +63,15 @@ def image_dataset(locations: list[str], size: int) -> ray.data.Dataset:
         file_extensions=[extension.lstrip(".") for extension in sorted(IMAGE_EXTENSIONS)],
     )
     return files.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64)
+
+
+def recorded_stored_size(record: dict[str, Any]) -> int:
+    """The side the ensemble's own images were stored at, so new images are decoded alike.
+
+    Ensembles saved before `stored_size` was recorded stored their images at `image_size`
+    (evaluation then resized them up), so that is what reproduces their probabilities.
+    """
+    return int(record.get("stored_size", record["image_size"]))
 
 
 @dataclass
@@ -118,7 +128,7 @@ def _frames(
     ensemble: LoadedEnsemble, locations: list[str], options: InferenceOptions, tally: PoolTally
 ) -> Iterator[pd.DataFrame]:
     checkpoints, weights, record = ensemble
-    images = image_dataset(locations, int(record["image_size"]))
+    images = image_dataset(locations, recorded_stored_size(record))
     batches = ensemble_top_k(
         images, checkpoints, weights, tta=record["tta"], options=options, top_k=TOP_K
     )

@@ -7,22 +7,24 @@ every trial on a node reads that one copy.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import math
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+import pyarrow.fs
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from ar_ray import storage
+from ar_ray import staged, storage
 from ar_ray.cluster import assigned_loader_workers, placement_labels
 from ar_ray.config import RunConfig, hyperparameter_types
 from ar_ray.data import DatasetSplits
@@ -57,6 +59,7 @@ class TuneRequest:
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
     grace_period: int = 1
+    first_rung: int | None = None  # the grace period in effect (see staged.py); None: unresolved
     reduction_factor: int = 3
     max_failures: int = 2
     seed: int = 0
@@ -81,6 +84,34 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         if result and not error and result.get("epoch", 0) < self.full_epochs:
             result = {key: value for key, value in result.items() if key != self.metric}
         super().on_trial_complete(trial_id, result, error)
+
+
+SEARCHER_STATE = OptunaSearch.CKPT_FILE_TMPL.format("*")
+
+
+def optuna_states(path: str) -> dict[str, str]:
+    """Each Ray trial's state as the Optuna study holds it (COMPLETE, PRUNED, FAIL), read
+    back from the searcher state Tune saved in the experiment: what TPE really learned from,
+    not what we meant to tell it. OptunaSearch keeps the study and Ray's trial ids only in
+    its private attributes; this is the one place that reads them."""
+    fs, folder = storage.filesystem(path)
+    names = [
+        info.base_name
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+        if fnmatch.fnmatch(info.base_name, SEARCHER_STATE)
+    ]
+    if not names:
+        return {}
+    searcher = OptunaSearch()
+    with tempfile.TemporaryDirectory() as local:
+        newest = max(names)  # session names are timestamps
+        searcher.restore(
+            str(storage.download_file(storage.join(path, newest), Path(local, newest)))
+        )
+    study = searcher._ot_study.trials
+    return {
+        trial_id: study[trial.number].state.name for trial_id, trial in searcher._ot_trials.items()
+    }
 
 
 def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, Any]) -> None:
@@ -141,7 +172,7 @@ def _build_tuner(
     scheduler = ASHAScheduler(
         time_attr="epoch",
         max_t=base.epochs,
-        grace_period=min(request.grace_period, base.epochs),
+        grace_period=request.first_rung,
         reduction_factor=request.reduction_factor,
     )
     root = experiment_root(request)
@@ -193,6 +224,7 @@ def run_tune(
     """Run (or resume) the search and write leaderboard, best configs and the request.
 
     The caller decides what may be replaced (`prepare_experiment_dir`) before Ray starts.
+    A resumed run keeps the request recorded when it began: `request` is that one.
     """
     base = base_config(request, space)
     path = experiment_dir(request)
@@ -201,16 +233,38 @@ def run_tune(
             path, trainable=trial_trainable(splits, base, request), resume_errored=True
         )
     else:
+        request = resolve_first_rung(request, space)
         tuner = _build_tuner(request, space, base, splits)
-    record = {"request": asdict(request), "base_config": base.to_dict(), "env": environment_info()}
-    storage.write_text(storage.join(path, "request.yaml"), yaml.safe_dump(record, sort_keys=False))
+        record = {
+            "request": asdict(request),
+            "base_config": base.to_dict(),
+            "stored_size": splits.stored_size,  # the side images were decoded to (data.size)
+            "env": environment_info(),
+        }
+        storage.write_text(request_path(request), yaml.safe_dump(record, sort_keys=False))
     grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < request.trials:  # Tune returns on SIGINT
         raise Interrupted(f"tune experiment {path} stopped before all trials finished")
-    board = leaderboard(grid, space, base.epochs)
+    board = leaderboard(grid, space, base.epochs, request.first_rung, optuna_states(path))
     storage.write_text(storage.join(path, LEADERBOARD), board.to_csv(index=False))
     storage.write_text(storage.join(path, BEST_CONFIGS), best_configs_yaml(board, space, base))
     return board
+
+
+def request_path(request: TuneRequest) -> str:
+    return storage.join(experiment_dir(request), "request.yaml")
+
+
+def resolve_first_rung(request: TuneRequest, space: SearchSpace) -> TuneRequest:
+    """The request with ASHA's first rung settled (a no-op once it is); one line says when
+    Mean Teacher raised it. Cheap: the CLI calls it before Ray starts, so a searched key that
+    can never act fails at once."""
+    if request.first_rung is not None:
+        return request
+    rung = staged.first_rung(space, base_config(request, space), request.grace_period)
+    if rung.raised_for:
+        print(staged.describe(rung, request.grace_period), flush=True)
+    return replace(request, first_rung=rung.epoch)
 
 
 def _status(result: Any, epochs_run: int, full_epochs: int) -> str:
@@ -219,16 +273,26 @@ def _status(result: Any, epochs_run: int, full_epochs: int) -> str:
     return "COMPLETE" if epochs_run >= full_epochs else "STOPPED_EARLY"
 
 
-def leaderboard(grid: tune.ResultGrid, space: SearchSpace, full_epochs: int) -> pd.DataFrame:
-    """One row per trial, best validation top-1 first."""
+def leaderboard(
+    grid: tune.ResultGrid,
+    space: SearchSpace,
+    full_epochs: int,
+    first_rung: int | None = None,
+    optuna_states: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """One row per trial, best validation top-1 first; `first_rung` is the earliest epoch
+    ASHA could stop it at, `optuna_state` what the Optuna study recorded for it."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         epochs_run = int(metrics.get("epoch", 0))
+        trial_id = metrics.get("trial_id") or Path(result.path).name
         row = {
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "trial_id": trial_id,
             "status": _status(result, epochs_run, full_epochs),
+            "optuna_state": (optuna_states or {}).get(trial_id, ""),
             "epochs_run": epochs_run,
+            "first_rung": first_rung,
             "val_top1": metrics.get("val_top1", math.nan),
             "val_nll": metrics.get("val_nll", math.nan),
         }

@@ -54,7 +54,7 @@ from common import (
 
 DATA_CACHE = Path(tempfile.gettempdir()) / "ar-ray-bench-data"
 SOURCE_PX = (300, 500)  # random width and height of each source JPEG, inclusive
-IMAGE_SIZE = 224  # decoded size: VIPriors' usual training resolution
+IMAGE_SIZE = 224  # training size, VIPriors' usual; images are stored at stored_size() of it
 CPUS = (1, 2)
 TRIALS = (1, 2)
 BLOCK_ROWS = 64  # rows per inference chunk, as `ar-ray ensemble` cuts them
@@ -118,6 +118,7 @@ def decode_run(root: str, cpus: int) -> dict[str, Any]:
     runs it, timed, with this process's RSS before and its peak during the decode."""
     from ar_ray.data import list_folder
     from ar_ray.data.decode import decode_folder, run_on_ray
+    from ar_ray.data.size import stored_size
 
     ray_init_s = start_ray(cpus)
     import ray
@@ -128,7 +129,7 @@ def decode_run(root: str, cpus: int) -> dict[str, Any]:
     if not start_peak_window():
         raise RuntimeError("cannot reset the peak RSS here (needs Linux >= 4.0 /proc)")
     started, cpu_started = time.perf_counter(), time.process_time()
-    decoded = decode_folder(listing, IMAGE_SIZE, False, run_on_ray)
+    decoded = decode_folder(listing, stored_size(IMAGE_SIZE), False, run_on_ray)
     seconds = time.perf_counter() - started
     driver_cpu_s = time.process_time() - cpu_started
     peak = rss_mb("VmHWM")
@@ -293,6 +294,8 @@ def goals_table(runs: pd.DataFrame, trials: pd.DataFrame, blocks: pd.DataFrame) 
 
 
 def main() -> None:
+    from ar_ray.data.size import stored_size
+
     args = parse_args(__doc__.splitlines()[0], add_arguments)
     classes, per_class, rounds = (
         (4, 16, 1) if args.quick else (args.classes, args.per_class, args.rounds)
@@ -300,7 +303,7 @@ def main() -> None:
     machine = machine_line(
         f"Synthetic VIPriors-shaped folder: {classes} classes x {per_class} images "
         f"({per_class // 2} train, the rest val), JPEGs of {SOURCE_PX[0]}-{SOURCE_PX[1]} px "
-        f"decoded to {IMAGE_SIZE} px; {rounds} decode round(s) of 1 and 2 CPUs."
+        f"decoded to {stored_size(IMAGE_SIZE)} px; {rounds} decode round(s) of 1 and 2 CPUs."
     )
     started = time.perf_counter()
     root = dataset_folder(classes, per_class)

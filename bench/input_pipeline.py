@@ -1,6 +1,6 @@
 """Images/s the training input delivers to the step, at 224 px, with no model behind it.
 
-    .venv/bin/python bench/input_pipeline.py           # full: ~10 min on a busy 2-CPU machine
+    .venv/bin/python bench/input_pipeline.py           # full: ~25 min on a 2-CPU machine at load 20
     .venv/bin/python bench/input_pipeline.py --quick   # smoke check: ~1 min, tiny settings
 
 It iterates the engine's own train loader (`engine._train_loader`: the sampler, the dataset
@@ -39,7 +39,7 @@ STORED_PX = round(IMAGE_SIZE / 0.875)  # 256
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # ar_default.yaml's choices
 VIEWS = (1, 2)
 PATHS = (("per-image", 1), ("per-image", 2), ("batched (CPU)", 0))  # (path, loader workers)
-FULL = {"images": 128, "batch": 32, "rounds": 3}
+FULL = {"images": 64, "batch": 16, "rounds": 3}
 QUICK = {"images": 32, "batch": 8, "rounds": 1}
 
 

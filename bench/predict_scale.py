@@ -48,6 +48,7 @@ from common import (
 )
 
 from ar_ray.config import RunConfig
+from ar_ray.data.size import stored_size
 from ar_ray.ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE, EnsembleRequest
 from ar_ray.members import member_dir
 from ar_ray.outputs import atomic_write_text, environment_info
@@ -98,6 +99,7 @@ def build_ensemble(run: Path) -> None:
         "tta": TTA,
         "classes": list(bench_splits(5).classes),
         "image_size": RunConfig().image_size,  # make_checkpoint's
+        "stored_size": stored_size(RunConfig().image_size),  # as `ensemble` records it
         "request": asdict(request),
         "env": environment_info(),
     }

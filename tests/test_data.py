@@ -19,9 +19,11 @@ from ar_ray.data import (
     load_folder,
 )
 from ar_ray.data.builtin import BUILTIN_PATH
+from ar_ray.data.size import stored_size
 from ar_ray.data.splits import STATS_CHUNK
 
-SIZE = 16
+SIZE = 16  # the training size the folder tests load at
+STORED = stored_size(SIZE)  # the side of the squares they are stored as
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_builtin_shapes_and_classes(builtin):
     assert builtin.num_classes == 10
     assert builtin.classes[0] == "T-shirt/top" and builtin.classes[-1] == "Ankle boot"
     for split, count in ((builtin.train, 500), (builtin.val, 500), (builtin.test, 10000)):
-        assert split.images.shape == (count, 3, 28, 28)
+        assert split.images.shape == (count, 3, 32, 32)  # 28 px originals, stored at 28 / 0.875
         assert split.images.dtype == np.uint8 and split.labels.dtype == np.int64
         assert len(split) == len(split.ids) == count
         assert np.array_equal(split.images[:, 0], split.images[:, 2])  # grey -> 3 equal channels
@@ -80,8 +82,8 @@ def test_builtin_train_and_val_are_disjoint():
 
 def test_builtin_resize():
     splits = load_dataset(None, image_size=36)
-    assert splits.train.images.shape == (500, 3, 36, 36)
-    assert splits.test.images.shape == (10000, 3, 36, 36)
+    assert splits.train.images.shape == (500, 3, 41, 41)  # round(36 / 0.875)
+    assert splits.test.images.shape == (10000, 3, 41, 41) and splits.stored_size == 41
     assert splits.train.images.dtype == np.uint8
 
 
@@ -167,7 +169,7 @@ def test_folder_mixed_images(tmp_path):
 
     splits = load_folder(root, SIZE)
     assert splits.classes == ["cat", "dog"] and splits.test is None
-    assert splits.train.images.shape == (7, 3, SIZE, SIZE)
+    assert splits.train.images.shape == (7, 3, STORED, STORED)
     assert splits.train.images.dtype == np.uint8
     assert splits.train.ids == [
         "cat/0.jpg", "cat/1.jpg", "cat/grey.png", "dog/0.jpg", "dog/1.jpg", "dog/alpha.PNG",
@@ -197,13 +199,42 @@ def test_resize_shorter_side_then_centre_crop(tmp_path):
     assert inner[0].min() > 200 and inner[2].max() < 50
 
 
+def _resized(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def _centre(image: np.ndarray, side: int) -> np.ndarray:
+    """The centre square of an HWC image."""
+    top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+    return image[top : top + side, left : left + side].astype(int)
+
+
+def test_a_folder_image_is_stored_at_the_eval_resize_size_with_its_real_pixels(tmp_path):
+    """Stored at 18 px for a 16 px model: the centre crop is the source's centre downsampled,
+    not a crop of a 16 px copy enlarged to 18 (which is what evaluation used to see)."""
+    root = _tree(tmp_path)
+    rng = np.random.default_rng(3)
+    source = rng.integers(0, 256, (3 * STORED, 2 * STORED, 3), dtype=np.uint8)  # fine detail
+    Image.fromarray(source).save(root / "train" / "cat" / "tall.png")  # 36 wide, 54 tall
+    splits = load_folder(root, SIZE)
+    stored = splits.train.images[splits.train.ids.index("cat/tall.png")].transpose(1, 2, 0)
+    assert stored.shape == (STORED, STORED, 3) and splits.stored_size == STORED
+
+    crop = _centre(stored, SIZE)  # what the centre crop and TenCrop's centre see
+    real = _centre(_resized(source, STORED, 3 * STORED // 2), SIZE)
+    assert np.abs(crop - real).max() <= 1  # the real pixels, downsampled once
+    small = _centre(_resized(source, SIZE, 3 * SIZE // 2), SIZE).astype(np.uint8)
+    enlarged = _centre(_resized(small, STORED, STORED), SIZE)
+    assert np.abs(crop - enlarged).mean() > 10  # the test tells the two apart
+
+
 def test_flat_and_labelled_test(tmp_path):
     flat = _tree(tmp_path / "flat")
     for name in ("b.jpg", "a.png"):
         _save(flat / "test" / name)
     test = load_folder(flat, SIZE).test
     assert test.labels is None and test.ids == ["a.png", "b.jpg"]
-    assert test.images.shape == (2, 3, SIZE, SIZE)
+    assert test.images.shape == (2, 3, STORED, STORED)
 
     labelled = _tree(tmp_path / "labelled", splits=("train", "val", "test"))
     test = load_dataset(str(labelled), SIZE).test
@@ -240,7 +271,7 @@ def test_phone_mpo_jpeg_is_a_jpeg_and_its_first_frame_is_used(tmp_path):
         assert opened.format == "MPO"
     splits = load_folder(root, SIZE)
     image = splits.train.images[splits.train.ids.index("cat/phone.jpg")]
-    assert _near(image[:, SIZE // 2, SIZE // 2].astype(int), RED)
+    assert _near(image[:, STORED // 2, STORED // 2].astype(int), RED)
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -18,8 +18,9 @@ from ar_ray.data import decode as decode_module
 from ar_ray.data import folder as folder_module
 from ar_ray.data.cache import CACHE_DIR, MANIFEST
 from ar_ray.data.decode import run_on_ray
+from ar_ray.data.size import stored_size
 
-SIZE = 20
+SIZE = 20  # the training size: images are stored at stored_size(SIZE) = 23
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 
 
@@ -54,7 +55,7 @@ def _folder(root: Path) -> Path:
 
 def _reference(root: Path, split: str, ids: list[str]) -> np.ndarray:
     """The images decoded one file at a time, as the old driver loop did."""
-    return np.stack([decode_image(root / split / image_id, SIZE) for image_id in ids])
+    return np.stack([decode_image(root / split / image_id, stored_size(SIZE)) for image_id in ids])
 
 
 def _assert_same_splits(left, right) -> None:
@@ -109,9 +110,9 @@ def _cache_files(cache: Path) -> dict[str, int]:
     return {path.name: path.stat().st_mtime_ns for path in sorted(cache.iterdir())}
 
 
-def _load(root, experiment, **options):
+def _load(root, experiment, image_size=SIZE, **options):
     values = {"skip_bad_images": False, "limit_per_class": None, **options}
-    return cli.load_splits(list_folder(root), SIZE, experiment=str(experiment), **values)
+    return cli.load_splits(list_folder(root), image_size, experiment=str(experiment), **values)
 
 
 def test_cache_is_reused_until_the_folder_changes(ray_cluster, tmp_path, decodes):
@@ -123,7 +124,7 @@ def test_cache_is_reused_until_the_folder_changes(ray_cluster, tmp_path, decodes
     assert set(written) == {MANIFEST, "train.npy", "val.npy", "test.npy"}
     manifest = json.loads((cache / MANIFEST).read_text())
     assert manifest["data"] == str(root) and manifest["data_resolved"] == str(root.resolve())
-    assert manifest["image_size"] == SIZE and manifest["skip_bad_images"] is False
+    assert manifest["stored_size"] == stored_size(SIZE) and manifest["skip_bad_images"] is False
     assert manifest["classes"] == ["cat", "dog"] and manifest["skipped"] == []
     assert manifest["split_sizes"] == {"train": 8, "val": 6, "test": 6}
     grey = root / "train" / "cat" / "grey.png"
@@ -145,12 +146,25 @@ def test_cache_is_reused_until_the_folder_changes(ray_cluster, tmp_path, decodes
     assert len(decodes) == 3
     row = changed.val.ids.index("dog/0.jpg")
     assert not np.array_equal(changed.val.images[row], first.val.images[row])
-    assert np.array_equal(changed.val.images[row], decode_image(root / "val/dog/0.jpg", SIZE))
+    decoded = decode_image(root / "val/dog/0.jpg", stored_size(SIZE))
+    assert np.array_equal(changed.val.images[row], decoded)
 
     (root / "test" / "cat" / "2.jpg").unlink()  # a file gone
     assert len(_load(root, experiment).test) == 5 and len(decodes) == 4
     _load(root, experiment, skip_bad_images=True)  # another flag: other files may be left out
     assert len(decodes) == 5
+
+
+def test_a_cache_stored_at_another_size_is_decoded_again(ray_cluster, tmp_path, decodes):
+    root = _folder(tmp_path / "data")
+    experiment = tmp_path / "runs" / "x"
+    first = _load(root, experiment)
+    larger = _load(root, experiment, image_size=SIZE + 4)  # another model size, same folder
+    assert len(decodes) == 2 and larger.stored_size == stored_size(SIZE + 4) != first.stored_size
+    manifest = json.loads((experiment / CACHE_DIR / MANIFEST).read_text())
+    assert manifest["stored_size"] == larger.stored_size  # the cache now holds the new size
+    _assert_same_splits(_load(root, experiment, image_size=SIZE + 4), larger)
+    assert len(decodes) == 2
 
 
 def test_a_half_written_cache_is_not_used(ray_cluster, tmp_path, decodes):
@@ -200,6 +214,8 @@ def test_tune_records_skip_bad_images_and_ensemble_skips_the_same_file(ray_clust
     request = yaml.safe_load((run / "tune" / "request.yaml").read_text())["request"]
     assert request["data"] == "data" and request["data_resolved"] == str(data.resolve())
     assert request["skip_bad_images"] is True
+    stored = yaml.safe_load((run / "tune" / "request.yaml").read_text())["stored_size"]
+    assert stored == stored_size(28) == 32  # quick.yaml trains at 28 px
     cache = run / CACHE_DIR
     written = _cache_files(cache)
     assert json.loads((cache / MANIFEST).read_text())["skipped"] == ["train/dog/1.png"]

@@ -3,12 +3,15 @@
 import io
 import warnings
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits, ImageSplit
+from ar_ray.recipe.augment import build_batch_mixer
 from ar_ray.recipe.checkpoint import inference_model
-from ar_ray.recipe.engine import evaluate, fit
+from ar_ray.recipe.engine import evaluate, fit, teacher_views, view_major, views_per_image
 
 
 def test_default_run_reaches_70_percent_test_top1(builtin_splits):
@@ -80,6 +83,45 @@ def test_fit_and_evaluate_take_read_only_arrays_as_trials_get_them(small_splits)
     assert not [w for w in caught if "writable" in str(w.message)]
     built_with_the_splits = torch.tensor(shared.train.channel_stats.mean)
     assert torch.allclose(result.model.mean.flatten(), built_with_the_splits)
+
+
+@pytest.mark.parametrize("mixer", ["mixup", "cutmix"])
+@pytest.mark.parametrize("cr_weight", [0.0, 0.1])
+def test_teacher_sees_other_noise_with_the_students_mix_partner_and_target(mixer, cr_weight):
+    config = RunConfig(
+        cr_weight=cr_weight,
+        mt_weight=1.0,
+        mixup_alpha=1.0 if mixer == "mixup" else 0.0,
+        cutmix_alpha=1.0 if mixer == "cutmix" else 0.0,
+    )
+    assert views_per_image(config) == 2
+    torch.manual_seed(0)
+    batch, size, delta = 8, 16, 0.01
+    # image i is flat grey a_i; its second view is a_i + delta, so the two views differ
+    # everywhere, and after mixing the difference stays exactly delta only where both views
+    # took the same partner with the same lambda / box
+    grey = torch.linspace(0.1, 0.8, batch)[:, None, None, None, None]
+    views = grey.expand(batch, 2, 3, size, size).clone()
+    views[:, 1] += delta
+    labels = torch.arange(batch)
+    mixed, targets = build_batch_mixer(config, num_classes=batch)(views, labels)
+    assert not torch.equal(targets, F.one_hot(labels, batch).float())  # it did mix
+    student_count = 2 if cr_weight > 0 else 1
+    student = view_major(mixed[:, :student_count])
+    teacher = teacher_views(mixed, student_count)
+    assert student.shape == teacher.shape
+    difference = teacher - student
+    assert (difference.abs() > delta / 2).all()  # different noise on every pixel
+    expected = torch.full_like(difference, delta)
+    if student_count == 2:  # the second student view is paired with the first view
+        expected[batch:] = -delta
+    assert torch.allclose(difference, expected, atol=1e-6)  # same partner, lambda and box
+
+
+def test_mean_teacher_draws_its_own_view_and_off_it_does_not():
+    assert views_per_image(RunConfig(cr_weight=0.0, mt_weight=0.0)) == 1
+    assert views_per_image(RunConfig(cr_weight=0.0, mt_weight=0.5)) == 2
+    assert views_per_image(RunConfig(cr_weight=0.1, mt_weight=0.0)) == 2
 
 
 def test_loader_workers_do_not_change_the_weights(small_splits):

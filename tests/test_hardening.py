@@ -16,6 +16,7 @@ import ray
 import yaml
 from helpers import assert_user_error, free_port, make_image_folder, run_cli, write_image
 
+from ar_ray.cli import given_options
 from ar_ray.recipe.checkpoint import load_checkpoint
 from ar_ray.search_space import load_search_space
 from ar_ray.tune import TuneRequest, run_tune
@@ -188,6 +189,22 @@ def case_predict_corrupt_member_checkpoint(tmp_path, tuned):
     return ["predict", "--ensemble", str(run), "--images", str(tmp_path)], str(checkpoint)
 
 
+def case_changed_flag_on_tune_resume(tmp_path, tuned):
+    args = ["tune", "--space", QUICK, "--storage", str(tuned.parent), "--name", "r"]
+    recorded = tuned / "tune" / "request.yaml"
+    return [*args, "--resume", "--trials", "8"], f"--trials 8 differs from 2 recorded in {recorded}"
+
+
+def case_changed_flag_on_ensemble_resume(tmp_path, tuned):
+    run = tmp_path / "finished"
+    shutil.copytree(tuned / "tune", run / "tune", ignore=shutil.ignore_patterns("run_trial_*"))
+    record = run / "ensemble" / "ensemble.yaml"
+    record.parent.mkdir()
+    record.write_text(yaml.safe_dump({"request": {"run": str(run), "members": 1, "epochs": 1}}))
+    args = ["ensemble", "--from", str(run), "--resume", "--members", "1", "--epochs", "3"]
+    return args, f"--epochs 3 differs from 1 recorded in {record}"
+
+
 def case_checkpoint_of_another_architecture(tmp_path, tuned):
     out = tmp_path / "run"
     first = run_cli("train", "--epochs", "1", "--limit-per-class", "2", "--out", str(out))
@@ -206,6 +223,12 @@ def test_user_mistakes_are_one_line_errors(case, tmp_path, tuned):
     result = run_cli(*args)
     assert_user_error(result, culprit)
     assert {p for p in tmp_path.rglob("*")} == before, "left partial output behind"
+
+
+def test_only_the_options_typed_count_as_given():
+    given = given_options(["tune", "--space", "s.yaml", "--resume", "--trials=8", "--seed", "0"])
+    assert {"space", "resume", "trials", "seed"} <= given
+    assert not given & {"epochs", "grace_period", "max_failures", "storage", "name", "data"}
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 
 from ar_ray.config import RunConfig
 from ar_ray.errors import UserError
-from ar_ray.members import select_members
+from ar_ray.members import make_member_id, select_members
 
 
 def _board():
@@ -46,3 +46,16 @@ def test_archs_spread_members_over_backbones_even_beyond_the_trials():
 def test_impossible_member_counts_are_user_errors(count, message):
     with pytest.raises(UserError, match=message):
         select_members(_board(), RunConfig(), count=count)
+
+
+def test_member_id_covers_the_whole_config_epochs_and_seed_included():
+    short, again = (select_members(_board(), RunConfig(epochs=3), count=2) for _ in range(2))
+    longer = select_members(_board(), RunConfig(epochs=4), count=2)
+    other_seed = select_members(_board(), RunConfig(epochs=3), count=2, seed=7)
+    assert [m.member_id for m in short] == [m.member_id for m in again]  # stable: --resume
+    assert short[0].member_id.startswith("m1-resnet18-a-s0-")
+    for changed in (longer, other_seed):
+        assert not {m.member_id for m in short} & {m.member_id for m in changed}
+    assert make_member_id(0, "a", RunConfig(epochs=3)) != make_member_id(
+        0, "a", RunConfig(epochs=3, lr=0.2)
+    )

@@ -11,13 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+import yaml
 from helpers import assert_user_error, run_cli
 
 from ar_ray.config import ConfigError, load_config
 from ar_ray.search_space import load_search_space, parse_search_space
-from ar_ray.tune import TuneRequest, run_tune
+from ar_ray.staged import first_rung
+from ar_ray.tune import TuneRequest, optuna_states, run_tune
 
-QUICK = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
+SPACES = Path(__file__).parent.parent / "search_spaces"
+QUICK = SPACES / "quick.yaml"
 
 
 def _request(tmp_path, **changes):
@@ -75,14 +78,71 @@ def test_quick_space_writes_leaderboard_and_trainable_best_configs(
     assert_user_error(again, str(tmp_path / "t" / "tune"))
 
 
-def test_asha_stops_weak_trials_before_the_last_epoch(ray_cluster, small_splits, tmp_path):
-    space = load_search_space(QUICK)
-    request = _request(tmp_path, trials=6, epochs=4, grace_period=1, reduction_factor=2)
-    board = run_tune(request, space, small_splits)
-    assert len(board) == 6
+def test_asha_judges_mean_teacher_only_after_it_acted_and_optuna_sees_pruned(
+    ray_cluster, small_splits, tmp_path, capsys
+):
+    """mt_weight searched with Mean Teacher from 0-based epoch 2 (half an epoch of ramp-up):
+    the teacher first trains in epoch 3, so grace 1 is raised to 3 and no trial stops
+    before it; ASHA still stops some there, and Optuna's study records those as PRUNED."""
+    space_file = tmp_path / "mt.yaml"
+    space_file.write_text(
+        QUICK.read_text().replace("mt_weight: 0.0", "mt_weight: {uniform: [0.1, 1.0]}")
+        + "mt_start_epoch: 2\nmt_rampup_epochs: 0.5\n"
+    )
+    space = load_search_space(space_file)
+    request = _request(tmp_path, space=str(space_file), trials=6, epochs=4, reduction_factor=2)
+    run_tune(request, space, small_splits)
+    assert "first rung is epoch 3, not 1: the searched mt_weight" in capsys.readouterr().out
+    board = pd.read_csv(tmp_path / "t" / "tune" / "leaderboard.csv")
+    recorded = yaml.safe_load((tmp_path / "t" / "tune" / "request.yaml").read_text())
+    assert recorded["request"]["first_rung"] == 3 and (board["first_rung"] == 3).all()
+    assert len(board) == 6 and (board["epochs_run"] >= 3).all()
     stopped = board[board["status"] == "STOPPED_EARLY"]
-    assert len(stopped) >= 1 and (stopped["epochs_run"] < 4).all()
-    assert (board["status"] == "COMPLETE").any()
+    complete = board[board["status"] == "COMPLETE"]
+    assert len(stopped) >= 1 and (stopped["epochs_run"] == 3).all() and len(complete) >= 1
+    states = optuna_states(str(tmp_path / "t" / "tune"))  # the study itself, read back
+    assert {states[t] for t in stopped["trial_id"]} == {"PRUNED"}
+    assert {states[t] for t in complete["trial_id"]} == {"COMPLETE"}
+    assert list(board["optuna_state"]) == [states[t] for t in board["trial_id"]]
+
+
+@pytest.mark.parametrize("space", sorted(SPACES.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_space_parses_and_its_mean_teacher_can_act(space):
+    parsed = load_search_space(space)
+    rung = first_rung(parsed, parsed.base_config(), grace_period=1)
+    assert 1 <= rung.epoch <= parsed.base_config().epochs
+
+
+@pytest.mark.parametrize(
+    "lines, grace, expected",
+    [
+        ("mt_weight: {uniform: [0.0, 1.0]}\nmt_start_epoch: 5\nmt_rampup_epochs: 0", 1, 6),
+        ("mt_weight: 1.0\nmt_decay: {uniform: [0.9, 0.99]}\nmt_start_epoch: 2", 1, 4),
+        ("mt_weight: 1.0\nmt_start_epoch: {int: [2, 6]}\nmt_rampup_epochs: 1.5", 1, 8),
+        ("mt_weight: 1.0\nmt_rampup_epochs: {uniform: [0.5, 3.5]}\nmt_start_epoch: 1", 1, 5),
+        ("mt_weight: {uniform: [0.0, 1.0]}\nmt_start_epoch: 9", 1, 10),  # capped by epochs
+        ("mt_weight: {uniform: [0.0, 1.0]}\nmt_start_epoch: 1", 7, 7),  # already late enough
+        ("mt_weight: 1.0\nmt_start_epoch: 1\nlr: {uniform: [0.1, 0.2]}", 1, 1),  # none searched
+    ],
+)
+def test_first_rung_waits_for_the_upper_end_of_mean_teacher(lines, grace, expected):
+    space = parse_search_space(yaml.safe_load(f"epochs: 10\n{lines}"), "s.yaml")
+    assert first_rung(space, space.base_config(), grace).epoch == expected
+
+
+@pytest.mark.parametrize(
+    "lines, fragment",
+    [
+        ("mt_weight: {uniform: [0.0, 1.0]}\nmt_start_epoch: 10", "mt_start_epoch=10 leaves"),
+        ("mt_weight: 1.0\nmt_start_epoch: {int: [2, 12]}", "mt_start_epoch=12 leaves"),
+        ("mt_decay: {uniform: [0.9, 0.99]}", "mt_decay is searched but mt_weight is 0"),
+    ],
+)
+def test_a_searched_mean_teacher_key_that_never_acts_is_refused(lines, fragment):
+    space = parse_search_space(yaml.safe_load(f"epochs: 10\n{lines}"), "s.yaml")
+    with pytest.raises(ConfigError, match="^s.yaml: ") as error:
+        first_rung(space, space.base_config(), 1)
+    assert fragment in str(error.value)
 
 
 def _terminated_trials(experiment: Path) -> set[str]:
@@ -136,6 +196,7 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
     driver.wait()
     assert not (experiment / "leaderboard.csv").exists()
     before = {t: _result_lines(experiment, t) for t in finished}
+    request = (experiment / "request.yaml").read_text()
 
     resumed = subprocess.run(
         [*args, "--resume"], env=env, capture_output=True, text=True, timeout=600
@@ -143,6 +204,7 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     board = pd.read_csv(experiment / "leaderboard.csv")
     assert len(board) == 4 and (board["status"] != "ERROR").all()
+    assert (experiment / "request.yaml").read_text() == request  # the record holds
     for trial, lines in before.items():
         assert _result_lines(experiment, trial) == lines  # not run again
         row = board[board["trial_id"] == trial].iloc[0]

@@ -2,9 +2,10 @@
 
 `tune` writes the cache under `<storage>/<name>/data_cache/`; `tune --resume` and `ensemble`
 find it there. It is valid only while a fresh listing gives the same key: the same files
-with the same sizes and modification times, decoded at the same image size, with the same
-`--skip-bad-images`, by the same decoder (`FORMAT`). Anything else is decoded again and
-overwrites it, so a changed folder can never train on stale pixels.
+with the same sizes and modification times, decoded to the same stored size (which the
+training `image_size` sets, `size.stored_size`), with the same `--skip-bad-images`, by the
+same decoder (`FORMAT`). Anything else is decoded again and overwrites it, so a changed
+folder can never train on stale pixels.
 
 Layout: one `<split>.npy` (uint8 [N, 3, S, S]) per split and `manifest.json`. The manifest
 is removed first and written last, so a cache caught half-written is never taken as valid.
@@ -32,12 +33,12 @@ MANIFEST = "manifest.json"
 FORMAT = 1  # bump whenever decoding changes what a file becomes: older caches then miss
 
 
-def _key(listing: FolderListing, image_size: int, skip_bad_images: bool) -> dict[str, Any]:
+def _key(listing: FolderListing, size: int, skip_bad_images: bool) -> dict[str, Any]:
     """What the cached arrays depend on, as JSON values (so a stored key compares equal)."""
     return {
         "format": FORMAT,
         "data_resolved": listing.resolved,
-        "image_size": image_size,
+        "stored_size": size,
         "skip_bad_images": skip_bad_images,
         "files": [[f.path, f.size, f.mtime_ns] for split in listing.splits for f in split.files],
     }
@@ -53,9 +54,10 @@ def _load_array(location: str, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def load_cached(
-    cache: str, listing: FolderListing, image_size: int, skip_bad_images: bool
+    cache: str, listing: FolderListing, size: int, skip_bad_images: bool
 ) -> DecodedFolder | None:
-    """The decoded folder from `cache`, or None when it is missing, stale or damaged."""
+    """The folder decoded to `size` squares from `cache`, or None when it is missing, stale
+    or damaged."""
     path = storage.join(cache, MANIFEST)
     if not storage.exists(path):
         return None
@@ -63,12 +65,12 @@ def load_cached(
         manifest = json.loads(storage.read_text(path))
     except (UserError, ValueError):
         return None
-    key = _key(listing, image_size, skip_bad_images)
+    key = _key(listing, size, skip_bad_images)
     if any(manifest.get(name) != value for name, value in key.items()):
         return None
     images = {}
     for split, count in manifest["split_sizes"].items():
-        shape = (count, 3, image_size, image_size)
+        shape = (count, 3, size, size)
         images[split] = _load_array(storage.join(cache, f"{split}.npy"), shape)
         if images[split] is None:
             return None
@@ -78,7 +80,7 @@ def load_cached(
 def save_cached(
     cache: str,
     listing: FolderListing,
-    image_size: int,
+    size: int,
     skip_bad_images: bool,
     decoded: DecodedFolder,
 ) -> None:
@@ -87,7 +89,7 @@ def save_cached(
     storage.remove_file(manifest_path)  # from here on, no manifest vouches for the arrays
     for split, images in decoded.images.items():
         storage.save_file(storage.join(cache, f"{split}.npy"), partial(_write_npy, images))
-    key = _key(listing, image_size, skip_bad_images)
+    key = _key(listing, size, skip_bad_images)
     files = key.pop("files")
     manifest = {
         "data": listing.location,

@@ -40,7 +40,7 @@ class Shard:
     root: str  # resolved data location: an absolute path or a URI
     paths: tuple[str, ...]
     names: tuple[str, ...]  # each file as messages name it: the data location as given
-    image_size: int
+    size: int  # side of the stored square (`size.stored_size`)
     contents: tuple[FileRead, ...] | None = None
 
     def read_here(self) -> Shard:
@@ -84,7 +84,7 @@ def read_files(root: str, paths: Sequence[str]) -> list[FileRead]:
 def decode_shard(shard: Shard) -> DecodedShard:
     """Decode a shard's files; a bad file is reported, not raised, so the driver decides
     between failing the run and skipping it (`--skip-bad-images`)."""
-    size = shard.image_size
+    size = shard.size
     contents = read_files(shard.root, shard.paths) if shard.contents is None else shard.contents
     images = np.empty((len(shard.paths), 3, size, size), dtype=np.uint8)
     errors: dict[int, str] = {}
@@ -129,14 +129,14 @@ def run_on_ray(shards: Sequence[Shard]) -> Iterator[tuple[int, DecodedShard]]:
             ray.cancel(ref)
 
 
-def _shards(listing: FolderListing, image_size: int) -> list[tuple[str, int, Shard]]:
+def _shards(listing: FolderListing, size: int) -> list[tuple[str, int, Shard]]:
     """(split name, first row, shard) for every SHARD_FILES files of each split."""
     planned = []
     for split in listing.splits:
         for start in range(0, len(split.files), SHARD_FILES):
             paths = tuple(file.path for file in split.files[start : start + SHARD_FILES])
             names = tuple(listing.name(path) for path in paths)
-            planned.append((split.name, start, Shard(listing.resolved, paths, names, image_size)))
+            planned.append((split.name, start, Shard(listing.resolved, paths, names, size)))
     return planned
 
 
@@ -151,16 +151,16 @@ def _compact(images: np.ndarray, kept: np.ndarray) -> np.ndarray:
 
 
 def decode_folder(
-    listing: FolderListing, image_size: int, skip_bad_images: bool, runner: ShardRunner
+    listing: FolderListing, size: int, skip_bad_images: bool, runner: ShardRunner
 ) -> DecodedFolder:
-    """Decode every listed file; a bad one fails the run (naming it) unless `skip_bad_images`.
+    """Decode every listed file to a `size` square (the stored size); a bad one fails the
+    run (naming it) unless `skip_bad_images`.
 
     Images/s and the ETA are shown as shards finish.
     """
     from ar_ray.progress import InferenceProgress  # loads Ray: only once there is work to show
 
-    planned = _shards(listing, image_size)
-    size = image_size
+    planned = _shards(listing, size)
     arrays = {s.name: np.empty((len(s.files), 3, size, size), np.uint8) for s in listing.splits}
     kept = {split.name: np.ones(len(split.files), dtype=bool) for split in listing.splits}
     shards = [shard for _, _, shard in planned]

@@ -11,6 +11,7 @@ import numpy as np
 from ar_ray.data.cache import load_cached, save_cached
 from ar_ray.data.decode import DecodedFolder, ShardRunner, decode_folder, run_in_process
 from ar_ray.data.listing import FolderListing, SplitListing, list_folder
+from ar_ray.data.size import stored_size
 from ar_ray.data.splits import DataError, DatasetSplits, ImageSplit
 
 NOTHING_LEFT = "no readable images left after skipping bad files"
@@ -24,22 +25,23 @@ def load_listing(
     runner: ShardRunner = run_in_process,
     cache: str | None = None,
 ) -> DatasetSplits:
-    """Decode a listed folder with `runner`; with `cache` (a folder in the experiment's
-    storage), reuse the images decoded there when the folder has not changed, and store them
-    there when they had to be decoded.
+    """Decode a listed folder with `runner` into squares of `stored_size(image_size)`; with
+    `cache` (a folder in the experiment's storage), reuse the images decoded there when the
+    folder has not changed, and store them there when they had to be decoded.
 
     With `skip_bad_images`, unreadable images are left out and listed in `skipped` instead of
     failing the run; a class (or flat test folder) left with no images still fails.
     """
-    decoded = None if cache is None else load_cached(cache, listing, image_size, skip_bad_images)
+    size = stored_size(image_size)
+    decoded = None if cache is None else load_cached(cache, listing, size, skip_bad_images)
     if decoded is not None:
         print(f"reusing the images of {listing.location} decoded in {cache}", flush=True)
         return _splits(listing, decoded)
     print(f"decoding {listing.num_files} images of {listing.location}", flush=True)
-    decoded = decode_folder(listing, image_size, skip_bad_images, runner)
+    decoded = decode_folder(listing, size, skip_bad_images, runner)
     splits = _splits(listing, decoded)  # fails if skipping emptied a class: nothing to cache
     if cache is not None:
-        save_cached(cache, listing, image_size, skip_bad_images, decoded)
+        save_cached(cache, listing, size, skip_bad_images, decoded)
     return splits
 
 

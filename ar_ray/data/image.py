@@ -1,4 +1,5 @@
-"""One image file (or its bytes) as uint8 CHW at the training size: the only decoder.
+"""One image file (or its bytes) as uint8 CHW at the stored size (`size.stored_size`): the
+only decoder.
 
 Training folders, the cluster's decode tasks and `ar-ray predict` all decode through here, so
 an image is resized, cropped and coloured the same way wherever and whenever it is decoded.
@@ -92,7 +93,8 @@ def _decode(source: BinaryIO, suffix: str, size: int) -> np.ndarray:
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:
-    """One image file as uint8 CHW at `size`, decoded exactly as the training images were."""
+    """One image file as a uint8 CHW square of side `size` (a stored size), decoded exactly as
+    the training images were."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
@@ -101,8 +103,8 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
 
 def decode_image_bytes(data: bytes, name: str, size: int) -> np.ndarray:
-    """An image's bytes, however they were read, as uint8 CHW at `size`, decoded exactly as
-    training images were; a bad one raises DataError naming `name`."""
+    """An image's bytes, however they were read, as a uint8 CHW square of side `size`, decoded
+    exactly as training images were; a bad one raises DataError naming `name`."""
     try:
         array = _decode(io.BytesIO(data), PurePosixPath(name).suffix, size)
     except DECODE_ERRORS as error:

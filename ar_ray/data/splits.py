@@ -146,6 +146,12 @@ class DatasetSplits:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def stored_size(self) -> int:
+        """The side of the stored squares, read from the arrays themselves: runs record it
+        (`request.yaml`, `ensemble.yaml`) so `predict` decodes new images to the same size."""
+        return int(self.train.images.shape[-1])
+
     def for_training(self) -> DatasetSplits:
         """Train and val only: what trials and members need, so the test set stays home."""
         return DatasetSplits(

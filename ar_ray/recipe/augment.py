@@ -17,9 +17,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ar_ray.config import RunConfig
+from ar_ray.data.size import stored_size
 from ar_ray.recipe.sampling import SAMPLE, mixed_seed
 
-EVAL_CROP_RATIO = 0.875  # the ImageNet convention: resize to size/0.875, then crop size
 CROPS_PER_IMAGE = {"none": 1, "center": 1, "tencrop": 10}
 
 
@@ -120,7 +120,7 @@ def to_unit_float(images: Tensor) -> Tensor:
 
 
 def eval_resize_size(image_size: int) -> int:
-    return round(image_size / EVAL_CROP_RATIO)
+    return stored_size(image_size)
 
 
 def center_crop_batch(images: Tensor, image_size: int) -> Tensor:

@@ -91,12 +91,41 @@ def _seed_epoch(config: RunConfig, epoch: int, rank: int) -> None:
     torch.manual_seed((config.seed * 1_000_003 + epoch * 7_919 + rank) % (2**63))
 
 
+def views_per_image(config: RunConfig) -> int:
+    """Independent augmentations drawn per image: two feed contrastive regularisation, and
+    Mean Teacher needs a view of its own so teacher and student see different noise.
+
+    The count is fixed for the whole run, so a Mean Teacher run with CR off also draws the
+    second view before its teacher starts: the loader keeps one shape from the first epoch.
+    """
+    return 2 if config.cr_weight > 0 or config.mean_teacher else 1
+
+
+def view_major(views: Tensor) -> Tensor:
+    """[B, V, C, H, W] -> [V * B, C, H, W]: all first views, then all second views."""
+    batch, count = views.shape[:2]
+    return views.transpose(0, 1).reshape(batch * count, *views.shape[2:])
+
+
+def teacher_views(views: Tensor, student_count: int) -> Tensor:
+    """The teacher's input, row for row with the student's `view_major(views[:, :count])`.
+
+    Mean Teacher (Tarvainen & Valpola 2017) compares predictions under *different* noise:
+    each student view is paired with the next view of the same image, so with two views the
+    teacher sees the student's other view, and with one student view it sees the spare one.
+    All views come out of one Mixup/CutMix call (`build_batch_mixer` stacks the views of an
+    image before mixing), so a pair shares its mix partner, lambda, box and soft target.
+    """
+    count = views.shape[1]
+    return view_major(views[:, [(view + 1) % count for view in range(student_count)]])
+
+
 def _train_loader(
     config: RunConfig, split: ImageSplit, rank: int, world: int, workers: int, on_device: bool
 ) -> tuple[DataLoader, BatchAugment | None]:
     """The epoch-keyed loader (call `sampler.set_epoch` each epoch) and, when augmentation
     runs batched on the device, the augmenter its stored images go through there."""
-    views = 2 if config.cr_weight > 0 else 1
+    views = views_per_image(config)
     transform = None if on_device else build_train_transform(config)
     dataset = AugmentedViews(
         split.images, split.labels, transform, views, seed=config.seed, rank=rank
@@ -219,14 +248,18 @@ class _Run:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def _model_layout(self, images: Tensor) -> Tensor:
+        if self.device.type == "cuda":
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def _loss(self, views: Tensor, labels: Tensor, progress: float) -> Tensor:
         config = self.config
         views, targets = self.mix(to_unit_float(views.to(self.device, non_blocking=True)), labels)
-        batch, count = views.shape[:2]
-        images = views.transpose(0, 1).reshape(batch * count, *views.shape[2:])  # view-major
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.repeat(count, 1)
+        batch = views.shape[0]
+        student_count = 2 if config.cr_weight > 0 else 1
+        images = self._model_layout(view_major(views[:, :student_count]))
+        targets = targets.repeat(student_count, 1)
         with self._autocast():
             if config.cr_weight > 0:
                 logits, projections = self.trained(images, with_projection=True)
@@ -245,7 +278,8 @@ class _Run:
                 )
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher.module(images).float()
+                    teacher_input = self._model_layout(teacher_views(views, student_count))
+                    teacher_logits = self.teacher.module(teacher_input).float()
                 pseudo = soft_pseudo_labels(
                     teacher_logits, targets, config.mt_temperature, config.mt_mix
                 )
