@@ -21,7 +21,15 @@ from ar_ray.data.cache import CACHE_DIR
 from ar_ray.data.decode import run_on_ray
 from ar_ray.errors import Interrupted, UserError
 from ar_ray.interrupts import treat_sigterm_as_interrupt
-from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources, actor_default, announce, stated
+from ar_ray.resources import (
+    DEFAULT_MAX_ACTORS,
+    Resources,
+    actor_default,
+    announce,
+    loader_workers_for,
+    local_cpus,
+    stated,
+)
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only for the commands that need them
     from ar_ray.ensemble import EnsembleSummary
@@ -63,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    train.add_argument(
+        "--loader-workers",
+        type=int,
+        help="processes augmenting images (default: this machine's CPUs minus one)",
+    )
     train.set_defaults(handler=_train)
 
     tune = commands.add_parser("tune", help="search loss weights and augmentation on Ray Tune")
@@ -258,6 +271,11 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {"epochs": args.epochs, "seed": args.seed}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     _positive("--limit-per-class", args.limit_per_class)
+    workers = args.loader_workers
+    if workers is None:
+        workers = loader_workers_for(local_cpus())
+    elif workers < 0:
+        raise UserError(f"--loader-workers={workers} must be >= 0")
     splits = load_splits(
         list_data(args.data),
         config.image_size,
@@ -270,7 +288,9 @@ def _train(args: argparse.Namespace) -> int:
         f"({splits.num_classes} classes); outputs in {out}",
         flush=True,
     )
-    summary = run_training(config, splits, out, resume=args.resume, overwrite=args.overwrite)
+    summary = run_training(
+        config, splits, out, resume=args.resume, overwrite=args.overwrite, loader_workers=workers
+    )
     if summary.test is not None:
         print(f"test top-1 {100 * summary.test['top1']:.2f}% ({summary.test['tta']})")
     return 0

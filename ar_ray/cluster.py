@@ -9,6 +9,7 @@ import ray
 
 from ar_ray.errors import UserError
 from ar_ray.interrupts import treat_sigterm_as_interrupt
+from ar_ray.resources import loader_workers_for
 
 
 def connect(address: str | None) -> None:
@@ -65,3 +66,8 @@ def placement_labels() -> dict[str, object]:
         "cpus": float(held.get("CPU", 0.0)),
         "gpus": float(held.get("GPU", 0.0)),
     }
+
+
+def assigned_loader_workers() -> int:
+    """Loader workers for the calling trial or worker: the CPUs Ray granted it, minus one."""
+    return loader_workers_for(placement_labels()["cpus"])

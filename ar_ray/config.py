@@ -29,6 +29,13 @@ OPTIMIZERS = ("sgd", "adamw")
 TTA_MODES = ("none", "center", "tencrop")
 
 
+RETIRED_KEYS = frozenset({"loader_workers"})
+"""Keys older records (best_configs.yaml, checkpoints, members' config.yaml, request.yaml)
+still carry but that are no longer hyperparameters: `loader_workers` became an execution
+setting (`engine.fit(loader_workers=...)`, sized to the CPUs a trial holds). They are
+dropped when read, here and nowhere else, so those records still load."""
+
+
 @dataclass
 class RunConfig:
     """Hyperparameters of one Attract-and-Repulse run; defaults fit a few CPU minutes."""
@@ -81,7 +88,6 @@ class RunConfig:
     # evaluation and reproducibility
     tta: str = "center"
     seed: int = 0
-    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,7 +126,6 @@ class RunConfig:
             ("mix_prob", 0 <= self.mix_prob <= 1, "must be in [0, 1]"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
             ("tta", self.tta in TTA_MODES, f"must be one of {TTA_MODES}"),
-            ("loader_workers", self.loader_workers >= 0, "must be >= 0"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -143,6 +148,8 @@ class RunConfig:
         known = hyperparameter_types()
         coerced: dict[str, Any] = {}
         for key, value in values.items():
+            if key in RETIRED_KEYS:
+                continue
             if key not in known:
                 raise ConfigError(f"{source}: unknown hyperparameter {key!r}")
             coerced[key] = coerce_value(key, value, known[key], source)

@@ -25,7 +25,7 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ar_ray import storage
-from ar_ray.cluster import placement_labels
+from ar_ray.cluster import assigned_loader_workers, placement_labels
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
@@ -167,6 +167,7 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
         resume_from=state,
         device=worker_device(),
         epoch_labels=placement_labels(),
+        loader_workers=assigned_loader_workers(),
     )
 
 

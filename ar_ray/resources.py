@@ -8,12 +8,26 @@ autoscaler then sees the real demand and starts the nodes that fit it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ar_ray.errors import UserError
 
 DEFAULT_MAX_ACTORS = 4
+
+
+def loader_workers_for(cpus: float) -> int:
+    """Data-loader processes for a process holding `cpus`: all but the training loop's one.
+
+    An execution setting, never a hyperparameter: training results do not depend on it.
+    """
+    return max(0, int(cpus) - 1)
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

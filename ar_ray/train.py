@@ -32,7 +32,13 @@ def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
 
 
 def run_training(
-    config: RunConfig, splits: DatasetSplits, out: Path, *, resume: bool, overwrite: bool
+    config: RunConfig,
+    splits: DatasetSplits,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    loader_workers: int = 0,
 ) -> TrainSummary:
     """Train, writing config, per-epoch metrics and the checkpoint as each epoch ends.
 
@@ -51,7 +57,9 @@ def run_training(
         atomic_write_csv(out / "metrics.csv", pd.DataFrame(state["history"])[columns])
         print(format_epoch(metrics, config.epochs), flush=True)
 
-    result = fit(config, splits, on_epoch=on_epoch, resume_from=state)
+    result = fit(
+        config, splits, on_epoch=on_epoch, resume_from=state, loader_workers=loader_workers
+    )
     test = None
     if splits.test is not None and splits.test.labels is not None:
         test = evaluate(result.model, splits.test, config.image_size, config.tta)

@@ -134,10 +134,25 @@ def test_train_transform_and_two_views_of_a_read_only_shared_array():
     dataset = AugmentedViews(images, np.arange(4), build_train_transform(config), views=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when handed a non-writable array
-        views, label = dataset[1]
+        views, label = dataset[(0, 1)]
     assert views.shape == (2, 3, 24, 24) and views.dtype == torch.uint8 and label == 1
     assert not torch.equal(views[0], views[1])
     assert np.array_equal(images, original)
+
+
+def test_a_sample_is_seeded_by_its_epoch_and_index_not_by_the_process_rng():
+    config = RunConfig(image_size=24, policy="trivialaugment")
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
+    dataset = AugmentedViews(images, np.arange(4), build_train_transform(config), 1, seed=5)
+    torch.manual_seed(1)
+    first = dataset[(3, 2)][0]
+    state = torch.get_rng_state()
+    torch.manual_seed(2)  # another worker, another RNG state: the same sample
+    assert torch.equal(dataset[(3, 2)][0], first)
+    assert not torch.equal(dataset[(4, 2)][0], first)  # the next epoch draws anew
+    torch.manual_seed(1)
+    dataset[(3, 2)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
 
 
 def test_mixer_shares_partner_and_lambda_across_views():

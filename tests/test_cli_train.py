@@ -29,6 +29,9 @@ def test_train_writes_outputs_and_its_config_trains_again(tmp_path):
         yaml.safe_load((out / "environment.yaml").read_text())["torch"]
     )
 
+    assert "loader_workers" not in config  # an execution setting, not a hyperparameter
+    with (out / "config.yaml").open("a") as record:
+        record.write("loader_workers: 0\n")  # what records written before it left carry
     again = run_cli(
         "train",
         "--config",
@@ -37,6 +40,8 @@ def test_train_writes_outputs_and_its_config_trains_again(tmp_path):
         "1",
         "--limit-per-class",
         "4",
+        "--loader-workers",
+        "1",
         "--out",
         str(tmp_path / "again"),
     )
@@ -124,3 +129,4 @@ def test_bad_config_file_fails_naming_file_and_key(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("sce_alpha: 1.0\ncr_temprature: 0.1\n")
     assert_user_error(run_cli("train", "--config", str(config)), "cr_temprature")
+    assert_user_error(run_cli("train", "--loader-workers", "-1"), "--loader-workers=-1")

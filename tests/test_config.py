@@ -3,6 +3,7 @@
 import pytest
 
 from ar_ray.config import ConfigError, RunConfig, load_config, save_config
+from ar_ray.search_space import parse_search_space
 
 
 def test_yaml_round_trip(tmp_path):
@@ -36,3 +37,12 @@ def test_bad_config_names_file_and_key(tmp_path, text, fragment):
 
 def test_yaml_integers_are_accepted_for_floats():
     assert RunConfig.from_dict({"lr": 1}).lr == 1.0
+
+
+def test_loader_workers_is_no_hyperparameter_but_old_records_still_load(tmp_path):
+    old = tmp_path / "best_configs.yaml"
+    old.write_text("- lr: 0.01\n  loader_workers: 0\n")  # as tune runs recorded it
+    config = load_config(old)
+    assert config.lr == 0.01 and "loader_workers" not in config.to_dict()
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'loader_workers'"):
+        parse_search_space({"loader_workers": {"int": [0, 4]}}, "space.yaml")

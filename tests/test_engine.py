@@ -122,3 +122,30 @@ def test_mean_teacher_draws_its_own_view_and_off_it_does_not():
     assert views_per_image(RunConfig(cr_weight=0.0, mt_weight=0.0)) == 1
     assert views_per_image(RunConfig(cr_weight=0.0, mt_weight=0.5)) == 2
     assert views_per_image(RunConfig(cr_weight=0.1, mt_weight=0.0)) == 2
+
+
+def test_loader_workers_do_not_change_the_weights(small_splits):
+    """Persistent workers never reseed: every draw must come from (seed, epoch, index)."""
+    tiny = small_splits.limit_per_class(3)
+    config = RunConfig(epochs=2, batch_size=8, policy="randaugment", mixup_alpha=0.4, seed=2)
+    in_process = fit(config, tiny, loader_workers=0).state["model"]
+    two_workers = fit(config, tiny, loader_workers=2).state["model"]
+    for key, value in in_process.items():
+        assert torch.equal(value, two_workers[key]), key
+
+
+def test_batched_augmentation_trains_and_resumes_exactly(small_splits):
+    tiny = small_splits.limit_per_class(3)
+    config = RunConfig(epochs=2, batch_size=8, policy="autoaugment", erasing_p=0.5, seed=4)
+    saved = {}
+
+    def keep(metrics, state):
+        saved[metrics["epoch"]] = _snapshot(state)
+
+    full = fit(config, tiny, on_epoch=keep, batch_augment=True)
+    resumed = fit(config, tiny, resume_from=saved[1], batch_augment=True)
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in full.history)
+    for key, value in full.state["model"].items():
+        assert torch.equal(value, resumed.state["model"][key]), key
+    per_image = fit(config, tiny, batch_augment=False).state["model"]
+    assert not torch.equal(per_image["classifier.weight"], full.state["model"]["classifier.weight"])

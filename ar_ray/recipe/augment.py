@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from ar_ray.config import RunConfig
 from ar_ray.data.size import stored_size
+from ar_ray.recipe.sampling import SAMPLE, mixed_seed
 
 CROPS_PER_IMAGE = {"none": 1, "center": 1, "tencrop": 10}
 
@@ -30,38 +31,61 @@ def build_train_transform(config: RunConfig) -> v2.Compose:
     ]
     if config.hflip:
         steps.append(v2.RandomHorizontalFlip())
+    policy = build_policy(config)
+    if policy is not None:
+        steps.append(policy)
+    if config.erasing_p > 0:
+        steps.append(v2.RandomErasing(p=config.erasing_p))
+    return v2.Compose(steps)
+
+
+def build_policy(config: RunConfig) -> nn.Module | None:
+    """The configured policy; the batched device path applies the same object's ops."""
     policy = {
         "none": None,
         "randaugment": lambda: v2.RandAugment(num_ops=config.num_ops, magnitude=config.magnitude),
         "trivialaugment": v2.TrivialAugmentWide,
         "autoaugment": v2.AutoAugment,
     }[config.policy]
-    if policy is not None:
-        steps.append(policy())
-    if config.erasing_p > 0:
-        steps.append(v2.RandomErasing(p=config.erasing_p))
-    return v2.Compose(steps)
+    return None if policy is None else policy()
 
 
 class AugmentedViews(Dataset):
     """In-memory uint8 images served as `views` independent augmentations of each image.
 
     Two views feed contrastive regularisation; with CR off one view saves half the compute.
+    Items are keyed by (epoch, index), as `EpochSampler` yields them: each sample's
+    augmentation is seeded from (seed, epoch, rank, index) inside a forked RNG, so it is the
+    same in any worker, and the training process's own RNG (Mixup's draws) is left alone.
+    With no `transform` the stored image is served as it is, for augmentation on the device.
     The arrays may be the read-only object-store buffer every process on a node shares, so
     each image is copied before torch sees it: transforms can never write into the shared copy.
     """
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, transform: Callable, views: int
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        transform: Callable | None,
+        views: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
     ) -> None:
         self.images, self.labels, self.transform, self.views = images, labels, transform, views
+        self.seed, self.rank = seed, rank
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        epoch, index = key
         image = torch.from_numpy(self.images[index].copy())
-        views = torch.stack([self.transform(image) for _ in range(self.views)])
+        if self.transform is None:
+            return image, int(self.labels[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mixed_seed(SAMPLE, self.seed, epoch, self.rank, index))
+            views = torch.stack([self.transform(image) for _ in range(self.views)])
         return views, int(self.labels[index])
 
 

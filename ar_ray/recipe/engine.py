@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits, ImageSplit
@@ -31,14 +31,17 @@ from ar_ray.recipe.augment import (
     predict_probabilities,
     to_unit_float,
 )
+from ar_ray.recipe.batch_augment import BatchAugment
 from ar_ray.recipe.checkpoint import CheckpointError, load_weights
 from ar_ray.recipe.losses import contrastive_regularization, dominant_labels, soft_cross_entropy
 from ar_ray.recipe.losses import symmetric_cross_entropy as sce
 from ar_ray.recipe.models import ARNet
+from ar_ray.recipe.sampling import BATCH, EpochSampler, mixed_seed
 from ar_ray.recipe.teacher import EmaTeacher, rampup, soft_pseudo_labels
 
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
 EVAL_CROPS = 640  # crops per forward when evaluating: TenCrop batches 64 images
+PREFETCH_BATCHES = 4  # per loader worker: evens out the policy ops' uneven cost per batch
 
 
 @dataclass
@@ -78,15 +81,14 @@ def _optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def _seed_epoch(config: RunConfig, epoch: int, rank: int) -> torch.Generator:
-    """Reseed every RNG the epoch uses from (seed, epoch, rank).
+def _seed_epoch(config: RunConfig, epoch: int, rank: int) -> None:
+    """Reseed the training process's RNG (Mixup/CutMix draws) from (seed, epoch, rank).
 
     An epoch is then a pure function of the weights and optimiser state it starts from, so
-    a resumed run reproduces the uninterrupted one without carrying RNG states around.
+    a resumed run reproduces the uninterrupted one without carrying RNG states around. The
+    augmentation draws are seeded per sample or per batch instead (`ar_ray.recipe.sampling`).
     """
-    seed = (config.seed * 1_000_003 + epoch * 7_919 + rank) % (2**63)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+    torch.manual_seed((config.seed * 1_000_003 + epoch * 7_919 + rank) % (2**63))
 
 
 def views_per_image(config: RunConfig) -> int:
@@ -119,27 +121,28 @@ def teacher_views(views: Tensor, student_count: int) -> Tensor:
 
 
 def _train_loader(
-    config: RunConfig, split: ImageSplit, epoch: int, rank: int, world: int
-) -> DataLoader:
+    config: RunConfig, split: ImageSplit, rank: int, world: int, workers: int, on_device: bool
+) -> tuple[DataLoader, BatchAugment | None]:
+    """The epoch-keyed loader (call `sampler.set_epoch` each epoch) and, when augmentation
+    runs batched on the device, the augmenter its stored images go through there."""
+    views = views_per_image(config)
+    transform = None if on_device else build_train_transform(config)
     dataset = AugmentedViews(
-        split.images, split.labels, build_train_transform(config), views_per_image(config)
+        split.images, split.labels, transform, views, seed=config.seed, rank=rank
     )
-    generator = _seed_epoch(config, epoch, rank)
     batch = max(2, min(config.batch_size // world, len(split) // world))
-    if world > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=config.seed)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=generator)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch,
-        sampler=sampler,
+        sampler=EpochSampler(len(split), config.seed, rank, world),
         drop_last=True,  # a batch of one breaks BatchNorm and the contrastive loss
-        num_workers=config.loader_workers,
-        generator=generator,
+        num_workers=workers,
+        persistent_workers=workers > 0,  # worker start-up is paid once per fit, not per epoch
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+        generator=torch.Generator(),  # its base-seed draw must not touch the global RNG
         pin_memory=torch.cuda.is_available(),
     )
+    return loader, BatchAugment(config, views) if on_device else None
 
 
 @torch.no_grad()
@@ -169,7 +172,14 @@ def evaluate(model: nn.Module, split: ImageSplit, image_size: int, tta: str) -> 
 class _Run:
     """The mutable state of one fit: model, teacher, optimiser, schedule and history."""
 
-    def __init__(self, config: RunConfig, splits: DatasetSplits, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        splits: DatasetSplits,
+        device: torch.device,
+        loader_workers: int,
+        batch_augment: bool,
+    ) -> None:
         self.config, self.splits, self.device = config, splits, device
         self.rank, self.world = _world()
         torch.manual_seed(config.seed)
@@ -192,7 +202,10 @@ class _Run:
             else self.model
         )
         self.optimizer = _optimizer(config, self.model)
-        self.steps_per_epoch = len(_train_loader(config, splits.train, 0, self.rank, self.world))
+        self.loader, self.batch_augment = _train_loader(
+            config, splits.train, self.rank, self.world, loader_workers, batch_augment
+        )
+        self.steps_per_epoch = len(self.loader)
         warmup = round(config.warmup_epochs * self.steps_per_epoch)
         total = config.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -280,15 +293,26 @@ class _Run:
                 loss = loss + weight * soft_cross_entropy(logits, pseudo)
         return loss
 
+    def _views(self, inputs: Tensor, step: int) -> Tensor:
+        """[B, V, C, S, S] uint8: the loader's views, or the batch augmented on the device."""
+        if self.batch_augment is None:
+            return inputs
+        seed = mixed_seed(BATCH, self.config.seed, self.epoch, self.rank, step)
+        images = inputs.to(self.device, non_blocking=True)
+        return self.batch_augment(images, torch.Generator().manual_seed(seed))
+
     def train_epoch(self) -> float:
         config = self.config
         if config.mean_teacher and self.teacher is None and self.epoch >= config.mt_start_epoch:
             self.teacher = EmaTeacher(self.model, config.mt_decay)  # stage two starts here
-        loader = _train_loader(config, self.splits.train, self.epoch, self.rank, self.world)
+        _seed_epoch(config, self.epoch, self.rank)
+        loader = self.loader
+        loader.sampler.set_epoch(self.epoch)
         self.trained.train()
         total, batches = 0.0, 0
-        for index, (views, labels) in enumerate(loader):
+        for index, (inputs, labels) in enumerate(loader):
             progress = self.epoch - config.mt_start_epoch + index / len(loader)
+            views = self._views(inputs, index)
             loss = self._loss(views, labels.to(self.device), progress)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -309,6 +333,8 @@ def fit(
     resume_from: dict[str, Any] | None = None,
     device: torch.device | None = None,
     epoch_labels: dict[str, Any] | None = None,
+    loader_workers: int = 0,
+    batch_augment: bool | None = None,
 ) -> FitResult:
     """Train `config` on `splits`, evaluating on val every epoch (centre crop).
 
@@ -316,9 +342,13 @@ def fit(
     checkpoint dict and references live tensors, so persist it before returning.
     `resume_from` is such a dict: training continues after its epoch. `epoch_labels` are
     recorded with every epoch's metrics (e.g. the machine it ran on), so they survive in the
-    checkpoint's history across resumes.
+    checkpoint's history across resumes. `loader_workers` (execution, not a hyperparameter:
+    results do not depend on it) augment in parallel; `batch_augment` augments whole batches
+    on the device instead, by default where that device is CUDA.
     """
-    run = _Run(config, splits, device or default_device())
+    device = device or default_device()
+    on_device = device.type == "cuda" if batch_augment is None else batch_augment
+    run = _Run(config, splits, device, loader_workers, on_device)
     if resume_from is not None:
         run.restore(resume_from)
     while run.epoch < config.epochs:
