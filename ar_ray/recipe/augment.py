@@ -154,6 +154,13 @@ def device_autocast(device: torch.device) -> AbstractContextManager:
     return nullcontext()
 
 
+def model_layout(images: Tensor) -> Tensor:
+    """channels_last on CUDA, the layout `models.place_model` gives the weights there."""
+    if images.device.type == "cuda":
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 EVAL_VIEWS: dict[str, Callable[[Tensor, int], Tensor]] = {
     "none": whole_image_batch,
     "center": center_crop_batch,
@@ -173,9 +180,7 @@ def predict_probabilities(model: nn.Module, images: Tensor, image_size: int, tta
         raise ValueError(f"unknown tta {tta!r}")
     device = next(model.parameters()).device
     crops = to_unit_float(EVAL_VIEWS[tta](images.to(device, non_blocking=True), image_size))
-    if device.type == "cuda":
-        crops = crops.contiguous(memory_format=torch.channels_last)
     with device_autocast(device):
-        logits = model(crops)
+        logits = model(model_layout(crops))
     probabilities = torch.softmax(logits.float(), dim=1)
     return probabilities.view(-1, len(images), probabilities.shape[1]).mean(dim=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,8 @@ from ar_ray.recipe.augment import (
     AugmentedViews,
     build_batch_mixer,
     build_train_transform,
+    device_autocast,
+    model_layout,
     predict_probabilities,
     to_unit_float,
 )
@@ -35,7 +36,7 @@ from ar_ray.recipe.batch_augment import BatchAugment
 from ar_ray.recipe.checkpoint import CheckpointError, load_weights
 from ar_ray.recipe.losses import contrastive_regularization, dominant_labels, soft_cross_entropy
 from ar_ray.recipe.losses import symmetric_cross_entropy as sce
-from ar_ray.recipe.models import ARNet
+from ar_ray.recipe.models import ARNet, place_model
 from ar_ray.recipe.sampling import BATCH, EpochSampler, mixed_seed
 from ar_ray.recipe.teacher import EmaTeacher, rampup, soft_pseudo_labels
 
@@ -192,9 +193,7 @@ class _Run:
             # with GPU modules"), so gloo workers on CPU keep per-worker statistics. ARNet is
             # not a BatchNorm itself, so its layers are swapped in place.
             nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model.to(device)
-        if device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        place_model(self.model, device)
         device_ids = [device] if device.type == "cuda" else None
         self.trained: nn.Module = (
             DistributedDataParallel(self.model, device_ids=device_ids)
@@ -249,24 +248,14 @@ class _Run:
     def serving_model(self) -> ARNet:
         return self.teacher.module if self.teacher else self.model
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    def _model_layout(self, images: Tensor) -> Tensor:
-        if self.device.type == "cuda":
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
-
     def _loss(self, views: Tensor, labels: Tensor, progress: float) -> Tensor:
         config = self.config
         views, targets = self.mix(to_unit_float(views.to(self.device, non_blocking=True)), labels)
         batch = views.shape[0]
         student_count = 2 if config.cr_weight > 0 else 1
-        images = self._model_layout(view_major(views[:, :student_count]))
+        images = model_layout(view_major(views[:, :student_count]))
         targets = targets.repeat(student_count, 1)
-        with self._autocast():
+        with device_autocast(self.device):
             if config.cr_weight > 0:
                 logits, projections = self.trained(images, with_projection=True)
             else:
@@ -284,7 +273,7 @@ class _Run:
                 )
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_input = self._model_layout(teacher_views(views, student_count))
+                    teacher_input = model_layout(teacher_views(views, student_count))
                     teacher_logits = self.teacher.module(teacher_input).float()
                 pseudo = soft_pseudo_labels(
                     teacher_logits, targets, config.mt_temperature, config.mt_mix
