@@ -58,8 +58,9 @@ from common import RESULTS, markdown_table  # noqa: E402
 
 from ar_ray.config import RunConfig  # noqa: E402
 from ar_ray.data import DatasetSplits, ImageSplit  # noqa: E402
+from ar_ray.data.size import stored_size  # noqa: E402
 from ar_ray.outputs import atomic_write_text, environment_info  # noqa: E402
-from ar_ray.recipe.augment import device_autocast, eval_resize_size, to_unit_float  # noqa: E402
+from ar_ray.recipe.augment import device_autocast, to_unit_float  # noqa: E402
 from ar_ray.recipe.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from ar_ray.recipe.engine import default_device, fit  # noqa: E402
 from ar_ray.recipe.losses import symmetric_cross_entropy  # noqa: E402
@@ -182,7 +183,7 @@ def synthetic_images(count: int, size: int, seed: int) -> np.ndarray:
 
 
 def synthetic_splits(train: int, val: int, image_size: int, seed: int = 0) -> DatasetSplits:
-    stored = eval_resize_size(image_size)
+    stored = stored_size(image_size)
 
     def split(count: int, name: str, offset: int) -> ImageSplit:
         labels = np.arange(count, dtype=np.int64) % CLASSES
@@ -389,7 +390,7 @@ def inference_section(sizes: Sizes, device: torch.device, folder: Path) -> dict[
     save_checkpoint(fit(config, splits, device=device).state, checkpoint)
     options = InferenceOptions(actor=Resources(sizes.worker_cpus, gpus), max_actors=1)
     small, large = sizes.inference_images
-    images = synthetic_images(large, eval_resize_size(sizes.image_size), seed=7)
+    images = synthetic_images(large, stored_size(sizes.image_size), seed=7)
     seconds, tally = {}, PoolTally()
     for count in (small, large):
         started = time.perf_counter()

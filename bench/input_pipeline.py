@@ -31,11 +31,12 @@ from common import machine_line, paired, parse_args, spread, write_results
 
 from ar_ray.config import RunConfig
 from ar_ray.data import ImageSplit
+from ar_ray.data.size import stored_size
 from ar_ray.recipe.engine import _train_loader
 from ar_ray.recipe.sampling import BATCH, mixed_seed
 
 IMAGE_SIZE = 224
-STORED_PX = round(IMAGE_SIZE / 0.875)  # 256
+STORED_PX = stored_size(IMAGE_SIZE)  # 256
 POLICIES = ("randaugment", "trivialaugment", "autoaugment")  # ar_default.yaml's choices
 VIEWS = (1, 2)
 PATHS = (("per-image", 1), ("per-image", 2), ("batched (CPU)", 0))  # (path, loader workers)

@@ -9,12 +9,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ar_ray.config import RunConfig
+from ar_ray.data.size import stored_size
 from ar_ray.recipe.augment import (
     AugmentedViews,
     build_batch_mixer,
     build_train_transform,
     center_crop_batch,
-    eval_resize_size,
     predict_probabilities,
     ten_crop_batch,
 )
@@ -58,7 +58,7 @@ def gradient_images(count: int, side: int) -> torch.Tensor:
 
 def test_ten_crop_positions_and_order_match_torchvision_ten_crop():
     size = 24
-    images = gradient_images(3, eval_resize_size(size))  # at the eval size: no resize applies
+    images = gradient_images(3, stored_size(size))  # at the eval size: no resize applies
     crops = ten_crop_batch(images, size)
     assert crops.shape == (30, 3, size, size)
     assert torch.equal(crops, torchvision_ten_crops(images, size))
@@ -79,7 +79,7 @@ def test_tencrop_on_constant_image_equals_centre_prediction():
 
 def test_tencrop_averages_the_ten_crops():
     torch.manual_seed(0)
-    side = eval_resize_size(24)  # TenCrop's input size, so no resize sits between the two
+    side = stored_size(24)  # TenCrop's input size, so no resize sits between the two
     images = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8)
     model = PositionNet(24)
     crops = torchvision_ten_crops(images, 24).float() / 255
@@ -91,7 +91,7 @@ def test_tencrop_averages_the_ten_crops():
 
 def test_images_stored_at_eval_size_are_cropped_not_resampled():
     size = 24
-    stored = eval_resize_size(size)  # 27: what the data loaders store for 24 px models
+    stored = stored_size(size)  # 27: what the data loaders store for 24 px models
     images = torch.randint(0, 256, (2, 3, stored, stored), dtype=torch.uint8)
     top = round((stored - size) / 2)
     assert torch.equal(
@@ -105,7 +105,7 @@ def test_images_stored_at_eval_size_are_cropped_not_resampled():
 def test_images_of_another_size_are_resized_to_eval_size_before_cropping():
     size = 24
     images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
-    resized = TF.resize(images, [eval_resize_size(size)] * 2, antialias=True)
+    resized = TF.resize(images, [stored_size(size)] * 2, antialias=True)
     assert torch.equal(center_crop_batch(images, size), TF.center_crop(resized, [size, size]))
     assert torch.equal(ten_crop_batch(images, size)[:2], resized[..., :size, :size])
     assert not torch.equal(center_crop_batch(images, size), TF.center_crop(images, [size, size]))
@@ -114,7 +114,7 @@ def test_images_of_another_size_are_resized_to_eval_size_before_cropping():
 def test_no_tta_scores_the_whole_stored_image_scaled_to_the_model_size():
     torch.manual_seed(0)
     size = 24
-    images = torch.randint(0, 256, (2, 3, eval_resize_size(size), eval_resize_size(size)))
+    images = torch.randint(0, 256, (2, 3, stored_size(size), stored_size(size)))
     images = images.to(torch.uint8)
     model = PositionNet(size)
     whole = TF.resize(images, [size, size], antialias=True).float() / 255

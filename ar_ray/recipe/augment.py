@@ -120,11 +120,6 @@ def to_unit_float(images: Tensor) -> Tensor:
     return images.float().div_(255.0)
 
 
-def eval_resize_size(image_size: int) -> int:
-    """The side images are stored at: centre crop and TenCrop then cut real pixels."""
-    return stored_size(image_size)
-
-
 def _resized(images: Tensor, size: int) -> Tensor:
     """Square `size`; images already that size come back untouched (no resampling blur)."""
     return v2.functional.resize(images, [size, size], antialias=True)
@@ -136,13 +131,13 @@ def whole_image_batch(images: Tensor, image_size: int) -> Tensor:
 
 
 def center_crop_batch(images: Tensor, image_size: int) -> Tensor:
-    stored = _resized(images, eval_resize_size(image_size))
+    stored = _resized(images, stored_size(image_size))
     return v2.functional.center_crop(stored, [image_size, image_size])
 
 
 def ten_crop_batch(images: Tensor, image_size: int) -> Tensor:
     """[B, C, H, W] -> [10 * B, C, S, S], crop-major: 4 corners + centre, then their flips."""
-    stored = _resized(images, eval_resize_size(image_size))
+    stored = _resized(images, stored_size(image_size))
     return torch.cat(v2.functional.ten_crop(stored, [image_size, image_size]))
 
 
