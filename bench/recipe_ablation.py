@@ -32,8 +32,7 @@ from ar_ray.data import ImageSplit, load_dataset
 from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.metrics import top_k_accuracy
 from ar_ray.outputs import atomic_write_csv, atomic_write_text
-from ar_ray.recipe.augment import CROPS_PER_IMAGE, predict_probabilities
-from ar_ray.recipe.engine import EVAL_CROPS, fit
+from ar_ray.recipe.engine import fit, split_probabilities
 
 VARIANTS = ("CE", "SCE", "SCE+CR", "SCE+CR+MT")
 ENSEMBLE_MEMBERS = ("SCE", "SCE+CR", "SCE+CR+MT")
@@ -54,15 +53,9 @@ def variant_config(name: str, epochs: int, seed: int) -> RunConfig:
     return RunConfig(**changes, epochs=epochs, seed=seed)
 
 
-def split_probabilities(model: torch.nn.Module, split: ImageSplit, size: int, tta: str):
-    """[N, K] probabilities of a whole split, in chunks of at most EVAL_CROPS crops."""
-    step = EVAL_CROPS // CROPS_PER_IMAGE[tta]
-    chunks = [
-        predict_probabilities(
-            model, torch.from_numpy(split.rows(start, start + step).images), size, tta
-        )
-        for start in range(0, len(split), step)
-    ]
+def whole_split_probabilities(model: torch.nn.Module, split: ImageSplit, size: int, tta: str):
+    """[N, K] probabilities of a whole split, as float64 for the ensemble fits."""
+    chunks = [probs for _, probs in split_probabilities(model, split, size, tta)]
     return torch.cat(chunks).numpy().astype(np.float64)
 
 
@@ -82,7 +75,7 @@ def train_variant(name: str, epochs: int, seed: int, splits) -> None:
     if name == MT_ROW:
         evaluated.append(("test", "tencrop"))
     probs = {
-        f"{split}_{tta}": split_probabilities(
+        f"{split}_{tta}": whole_split_probabilities(
             result.model, getattr(splits, split), config.image_size, tta
         )
         for split, tta in evaluated

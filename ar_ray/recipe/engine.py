@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +146,23 @@ def _train_loader(
     return loader, BatchAugment(config, views) if on_device else None
 
 
-@torch.no_grad()
+def split_probabilities(
+    model: nn.Module, split: ImageSplit, image_size: int, tta: str, rank: int = 0, world: int = 1
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(labels, probabilities [B, K]) chunk by chunk, each at most EVAL_CROPS crops.
+
+    Chunks bound memory whatever the split's size; rank r of `world` takes every world-th
+    chunk, so DDP ranks score disjoint shards of the same order.
+    """
+    batch = EVAL_CROPS // CROPS_PER_IMAGE[tta]
+    for start in range(rank * batch, len(split), batch * world):
+        chunk = split.rows(start, start + batch)  # writable copies: torch may take them as-is
+        yield (
+            torch.from_numpy(chunk.labels),
+            predict_probabilities(model, torch.from_numpy(chunk.images), image_size, tta),
+        )
+
+
 def evaluate(model: nn.Module, split: ImageSplit, image_size: int, tta: str) -> dict[str, float]:
     """Top-1 and NLL; under DDP each rank scores a shard and the sums are all-reduced."""
     rank, world = _world()
@@ -154,12 +170,8 @@ def evaluate(model: nn.Module, split: ImageSplit, image_size: int, tta: str) -> 
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, count
-    batch = EVAL_CROPS // CROPS_PER_IMAGE[tta]
-    for start in range(rank * batch, len(split), batch * world):
-        chunk = split.rows(start, start + batch)  # writable copies: torch may take them as-is
-        images = torch.from_numpy(chunk.images)
-        labels = torch.from_numpy(chunk.labels).to(device)
-        probs = predict_probabilities(model, images, image_size, tta)
+    for labels, probs in split_probabilities(model, split, image_size, tta, rank, world):
+        labels = labels.to(device)
         totals[0] += (probs.argmax(dim=1) == labels).sum()
         totals[1] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
         totals[2] += len(labels)
