@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from ar_ray import storage
-from ar_ray.data import DatasetSplits
+from ar_ray.data import CLASS_SEPARATOR, DatasetSplits
 from ar_ray.ensemble_weights import CrossFit, FittedWeights, combine, cross_fit, stratified_folds
 from ar_ray.errors import UserError
 from ar_ray.inference import InferenceOptions, PoolTally, member_probabilities
@@ -162,7 +162,7 @@ def top_k_frame(
         {
             "image_id": ids,
             "predicted": [(names(row) or [""])[0] for row in top_classes],
-            "top5": [" ".join(names(row)) for row in top_classes],
+            "top5": [CLASS_SEPARATOR.join(names(row)) for row in top_classes],
             "confidence": top_probs[:, 0],
             "top5_probs": [
                 " ".join(f"{p:.4f}" for p, i in zip(row, idx, strict=True) if i >= 0)

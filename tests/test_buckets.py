@@ -173,7 +173,7 @@ def _predict_reproduces_the_saved_val_probabilities(
         row = frame.loc[image_id]
         top5 = np.argsort(-probs)[:5]
         assert row["predicted"] == classes[probs.argmax()], image_id
-        assert row["top5"].split() == list(classes[top5]), image_id
+        assert row["top5"].split("|") == list(classes[top5]), image_id
         predicted_probs = np.array(row["top5_probs"].split(), dtype=float)
         assert np.allclose(predicted_probs, probs[top5], atol=5e-5 + 1e-5), image_id
 

@@ -371,6 +371,13 @@ def test_empty_class_folder(tmp_path):
     assert str(root / "train" / "bird") in _error(root)
 
 
+def test_class_name_with_the_top5_separator(tmp_path):
+    root = _tree(tmp_path)
+    _save(root / "train" / "cat|dog" / "0.jpg")
+    message = _error(root)
+    assert str(root / "train" / "cat|dog") in message and "'|'" in message
+
+
 def test_class_only_in_val(tmp_path):
     root = _tree(tmp_path)
     _save(root / "val" / "bird" / "0.jpg")

@@ -11,10 +11,11 @@ from pathlib import Path
 from ar_ray.data.builtin import load_builtin
 from ar_ray.data.folder import load_folder, load_listing
 from ar_ray.data.image import IMAGE_EXTENSIONS, decode_image
-from ar_ray.data.listing import FolderListing, list_folder
+from ar_ray.data.listing import CLASS_SEPARATOR, FolderListing, list_folder
 from ar_ray.data.splits import DataError, DatasetSplits, ImageSplit
 
 __all__ = [
+    "CLASS_SEPARATOR",
     "IMAGE_EXTENSIONS",
     "DataError",
     "DatasetSplits",

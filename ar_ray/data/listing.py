@@ -22,6 +22,7 @@ from ar_ray.data.image import IMAGE_EXTENSIONS
 from ar_ray.data.splits import DataError
 
 LABELLED_SPLITS = ("train", "val")
+CLASS_SEPARATOR = "|"  # predictions join top-5 class names with it; spaces occur in names
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,9 @@ def _labelled(root: _Root, split: str, classes: dict[str, list[FileInfo]]) -> No
         folder = root.name(split)
         raise DataError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
     for name, files in classes.items():
+        if CLASS_SEPARATOR in name:
+            folder = root.name(split, name)
+            raise DataError(f"{folder}: a class name may not contain '{CLASS_SEPARATOR}'")
         if not files:
             folder, extensions = root.name(split, name), " ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"{folder}: class folder has no image files ({extensions})")
