@@ -239,8 +239,9 @@ def run_ensemble(
     names = [s.member_id for s in specs]
     parts = [splits.val.images] + ([] if splits.test is None else [splits.test.images])
     tally = PoolTally()
+    pool = request.inference_options()
     val, *tested = member_probabilities(
-        checkpoints, parts, tta=request.tta, options=request.inference_options(), tally=tally
+        checkpoints, parts, tta=request.tta, options=pool, tally=tally
     )
     atomic_write_csv(stage / "inference_pool.csv", tally.frame())
     val_labels = splits.val.labels
@@ -322,6 +323,7 @@ def run_ensemble(
         "classes": list(splits.classes),
         "image_size": record.base.image_size,
         "stored_size": splits.stored_size,  # `predict` decodes new images to this square
+        "images_per_call": pool.images_per_call,  # each inference actor's batch
         "request": asdict(request),
         "env": environment_info(),
     }

@@ -116,6 +116,7 @@ def test_saved_val_probabilities_reproduce_the_out_of_fold_scores_and_the_weight
     assert record["method"] == summary.chosen == fit.chosen
     assert np.allclose(record["weights"], fit.fitted[fit.chosen].weights, atol=1e-6)
     assert record["fold_methods"] == list(fit.fold_choices)
+    assert record["images_per_call"] == 64  # the CPU actors' batch, recorded with the run
 
 
 def test_headline_compares_with_the_member_best_on_val_not_on_test(capsys):

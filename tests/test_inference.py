@@ -4,7 +4,8 @@ import pickle
 
 import numpy as np
 
-from ar_ray.inference import row_blocks
+from ar_ray.inference import InferenceOptions, row_blocks
+from ar_ray.resources import Resources
 
 
 def test_blocks_carry_only_their_own_rows_and_know_where_they_belong():
@@ -17,3 +18,12 @@ def test_blocks_carry_only_their_own_rows_and_know_where_they_belong():
     assert np.array_equal(index, np.arange(1130))
     images = np.concatenate([block["image"].chunk(0).to_numpy() for block in blocks])
     assert np.array_equal(images[:1000], val) and np.array_equal(images[1000:], test)
+
+
+def test_actor_batch_follows_the_device_the_actor_holds_unless_stated():
+    """A GPU actor answers 256 images (2,560 TenCrop crops) per call, a CPU actor 64."""
+    assert InferenceOptions(actor=Resources(cpus=4, gpus=1)).images_per_call == 256
+    assert InferenceOptions(actor=Resources(cpus=4, gpus=0.5)).images_per_call == 256
+    assert InferenceOptions(actor=Resources(cpus=4)).images_per_call == 64
+    stated = InferenceOptions(actor=Resources(cpus=4, gpus=1), batch_size=16)
+    assert stated.images_per_call == 16 == stated.map_batches_args()["batch_size"]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ar_ray.config import RunConfig
 from ar_ray.recipe.augment import build_batch_mixer
 from ar_ray.recipe.losses import (
+    contrastive_regularization,
     dominant_labels,
     nt_xent,
     soft_cross_entropy,
@@ -85,6 +86,67 @@ def test_supcon_pulls_same_class_together():
     labels = torch.tensor([0, 0, 1, 1])
     shuffled = labels[[0, 2, 1, 3]]
     assert supcon(grouped, grouped, labels, 0.1) < supcon(grouped, grouped, shuffled, 0.1)
+
+
+def test_supcon_with_several_positives_per_anchor_matches_the_hand_computed_value():
+    """Images 0 and 1 share class 0 and point along e1; image 2 (class 1) along e2.
+
+    Cosines are 1 within a class and 0 across. Anchors of class 0 have 3 positives (sim 1)
+    and 2 negatives (sim 0): each positive's log-probability is 1/t - log(3 e^(1/t) + 2).
+    Anchors of class 1 have 1 positive and 4 negatives: 1/t - log(e^(1/t) + 4). SupCon
+    averages over positives, then over the 6 anchors (4 of class 0, 2 of class 1).
+    """
+    t = 0.5
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    views = torch.stack([e1, 2 * e1, 3 * e2])  # lengths differ: the loss normalises them
+    class0 = -(1 / t - math.log(3 * math.exp(1 / t) + 2))
+    class1 = -(1 / t - math.log(math.exp(1 / t) + 4))
+    expected = (4 * class0 + 2 * class1) / 6
+    got = supcon(views, views.clone(), torch.tensor([0, 0, 1]), t).item()
+    assert math.isclose(got, expected, rel_tol=1e-6)
+
+
+def naive_supcon(z1, z2, labels, tau):
+    """Khosla et al. (2020), eq. 2, written as loops over anchors and positives."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1).tolist()
+    label = labels.tolist() * 2
+    n, total = len(z), 0.0
+    for i in range(n):
+
+        def sim(k, i=i):
+            return sum(a * b for a, b in zip(z[i], z[k], strict=True)) / tau
+
+        others = [k for k in range(n) if k != i]
+        positives = [k for k in others if label[k] == label[i]]
+        log_denominator = math.log(sum(math.exp(sim(k)) for k in others))
+        total += -sum(sim(p) - log_denominator for p in positives) / len(positives)
+    return total / n
+
+
+def test_supcon_equals_the_loop_reference_with_uneven_classes():
+    torch.manual_seed(1)
+    z1, z2 = torch.randn(7, 5), torch.randn(7, 5)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 0])  # 1 to 7 positives per anchor
+    got = supcon(z1, z2, labels, 0.2).item()
+    assert math.isclose(got, naive_supcon(z1, z2, labels, 0.2), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["ntxent", "supcon"])
+def test_contrastive_logits_stay_fp32_inside_bf16_autocast(variant):
+    """The training step runs under bf16 autocast; the similarity logits must not.
+
+    Nearly parallel projections at temperature 0.05: bf16 rounding of their cosines moves
+    the loss far more than 1e-5, so this fails if the matrix product is autocast.
+    """
+    torch.manual_seed(0)
+    base = torch.randn(16, 32)
+    z1, z2 = base + 0.3 * torch.randn(16, 32), base + 0.3 * torch.randn(16, 32)
+    labels = torch.arange(16) % 4
+    full = contrastive_regularization(z1, z2, 0.05, variant, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = contrastive_regularization(z1, z2, 0.05, variant, labels)
+    assert autocast.dtype == torch.float32
+    assert torch.allclose(autocast, full, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["mixup_alpha", "cutmix_alpha"])

@@ -171,7 +171,7 @@ def evaluate(model: nn.Module, split: ImageSplit, image_size: int, tta: str) -> 
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, count
     for labels, probs in split_probabilities(model, split, image_size, tta, rank, world):
-        labels = labels.to(device)
+        labels = labels.to(device, non_blocking=True)
         totals[0] += (probs.argmax(dim=1) == labels).sum()
         totals[1] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
         totals[2] += len(labels)
@@ -310,20 +310,23 @@ class _Run:
         loader = self.loader
         loader.sampler.set_epoch(self.epoch)
         self.trained.train()
-        total, batches = 0.0, 0
+        # Summed where the loss lives and read once per epoch: a per-step `.item()` would
+        # wait for the GPU to drain its queue every step.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        batches = 0
         for index, (inputs, labels) in enumerate(loader):
             progress = self.epoch - config.mt_start_epoch + index / len(loader)
             views = self._views(inputs, index)
-            loss = self._loss(views, labels.to(self.device), progress)
+            loss = self._loss(views, labels.to(self.device, non_blocking=True), progress)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
             if self.teacher is not None:
                 self.teacher.update(self.model)
-            total += loss.item()
+            total += loss.detach()
             batches += 1
-        return total / max(batches, 1)
+        return total.item() / max(batches, 1)
 
 
 def fit(

@@ -40,9 +40,16 @@ def soft_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
 
 
 def _pairwise_logits(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Cosine similarities of all 2B projections with the self-pairs masked out."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ z.T / temperature
+    """Cosine similarities of all 2B projections with the self-pairs masked out, in fp32.
+
+    Autocast would run `z @ z.T` in bf16, whose 8-bit mantissa rounds a cosine near 1 by up
+    to 0.004; divided by a temperature of 0.05-0.2 that is a logit error of up to 0.08, on
+    the very terms that separate a twin from its negatives. The matrix is 2B x 2B, small
+    next to the backbone, so it is computed in fp32 whatever the surrounding autocast says.
+    """
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        logits = z @ z.T / temperature
     self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
     return logits.masked_fill(self_mask, float("-inf")), self_mask
 
@@ -54,7 +61,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     """
     logits, _ = _pairwise_logits(z1, z2, temperature)
     batch = len(z1)
-    twin = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(z1.device)
+    twin = torch.arange(2 * batch, device=z1.device).roll(batch)  # made where it is used
     return F.cross_entropy(logits, twin)
 
 

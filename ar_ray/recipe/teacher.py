@@ -29,14 +29,20 @@ class EmaTeacher:
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        decay = self.current_decay()
-        for mine, theirs in zip(self.module.parameters(), student.parameters(), strict=True):
-            mine.lerp_(theirs.detach(), 1.0 - decay)
-        for mine, theirs in zip(self.module.buffers(), student.buffers(), strict=True):
-            if mine.dtype.is_floating_point:
-                mine.lerp_(theirs, 1.0 - decay)
-            else:
-                mine.copy_(theirs)
+        """One EMA step over every tensor at once: a ResNet-50 has ~320 parameters and
+        buffers, and one `_foreach` call per kind replaces as many kernel launches each."""
+        weight = 1.0 - self.current_decay()
+        torch._foreach_lerp_(
+            list(self.module.parameters()), [p.detach() for p in student.parameters()], weight
+        )
+        mine, theirs = self.module.buffers(), student.buffers()
+        pairs = list(zip(mine, theirs, strict=True))
+        floats = [(m, t) for m, t in pairs if m.dtype.is_floating_point]
+        counters = [(m, t) for m, t in pairs if not m.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([m for m, _ in floats], [t for _, t in floats], weight)
+        if counters:  # BatchNorm's num_batches_tracked: copied, an average means nothing
+            torch._foreach_copy_([m for m, _ in counters], [t for _, t in counters])
         self.step += 1
 
     def state_dict(self) -> dict:
