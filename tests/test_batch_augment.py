@@ -1,9 +1,11 @@
 """The batched device augmentation draws from the same distributions as the per-image path.
 
 Run on CPU tensors. Crops, flips and erasing are read back from the pixels of an image that
-encodes its own coordinates; policy ops are counted where both paths apply them (the v2
-op). Tolerances are several standard errors wide at a fixed seed, far below what a wrong
-implementation (one crop per batch, another op set, no sign flips) would give.
+encodes its own coordinates; policy draws (op, magnitude, sign) are compared with those the
+per-image v2 policy makes, and the batched ops are checked image by image against the v2
+op on the same image. Tolerances are several standard errors wide at a fixed seed, far
+below what a wrong implementation (one crop per batch, another op set, no sign flips, a
+constant magnitude) would give; each test was seen to fail on such a break.
 """
 
 from __future__ import annotations
