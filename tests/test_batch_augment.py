@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ar_ray.config import RunConfig
 from ar_ray.recipe.augment import build_train_transform
@@ -236,3 +237,33 @@ def test_views_are_independent_draws_in_the_loaders_layout():
     views = augment(images, torch.Generator().manual_seed(1))
     assert views.shape == (8, 2, 3, OUT, OUT) and views.dtype == torch.uint8
     assert not torch.equal(views[:, 0], views[:, 1])
+
+
+class CrossDeviceOps(TorchDispatchMode):
+    """Records every op whose tensors sit on more than one device (a host-device copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [arg for arg in (*args, out) if isinstance(arg, torch.Tensor)]
+        if len({tensor.device for tensor in tensors}) > 1:
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment", "autoaugment"])
+def test_a_view_copies_to_the_device_once_and_reads_nothing_back(policy):
+    """On the meta device tensors have no data: any read back to the host (.item(),
+    .tolist(), nonzero, a shape that depends on values) raises, so a batch that augments
+    there never waits for a GPU; and each view crosses to the device in exactly one copy
+    (`.to(device)` of a CPU tensor shows up here; `torch.tensor(list, device=...)` would
+    not, as it copies below the dispatcher, so the module builds none)."""
+    augment = BatchAugment(RunConfig(image_size=OUT, policy=policy, erasing_p=0.25), views=2)
+    images = torch.empty(16, 3, STORED, STORED, dtype=torch.uint8, device="meta")
+    with CrossDeviceOps() as mode:
+        views = augment(images, torch.Generator().manual_seed(0))
+    assert views.shape == (16, 2, 3, OUT, OUT) and views.device.type == "meta"
+    assert mode.ops == ["aten._to_copy.default"] * 2

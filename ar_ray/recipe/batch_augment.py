@@ -124,7 +124,7 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     index = torch.arange(len(images), device=images.device, dtype=torch.float32)
     rois = torch.stack([index, left, top, left + box_w, top + box_h], dim=1)
     crops = _native_roi_align()(images.float(), rois, 1.0, size, size, -1, True)
-    return crops.round_().clamp_(0, 255).to(torch.uint8)
+    return crops.round_().to(torch.uint8)  # averages of uint8 pixels: already in [0, 255]
 
 
 def erase_boxes(
@@ -210,15 +210,22 @@ def _contrast(images: Tensor, magnitude: Tensor) -> Tensor:
 
 
 def _sharpness(images: Tensor, magnitude: Tensor) -> Tensor:
-    """v2's sharpness: the inner pixels blended with a 3x3 smoothing (1s around a 5), rounded."""
-    channels = images.shape[-3]
-    edge, centre = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.full((3, 3), edge, device=images.device)
-    kernel[1, 1] = centre
+    """v2's sharpness: inner pixels blended with a 3x3 smoothing (1s around a 5, / 13).
+
+    v2 convolves in float32 and rounds; here the smoothing is summed in integers and rounded
+    exactly, (2 * sum + 13) // 26. A sum over 13 is never halfway between two integers (13 is
+    odd), so v2's float32 result, a hair from the exact one, rounds to the same value. The
+    blend is v2's float32 arithmetic. Integer sums avoid a depthwise float convolution,
+    which is the slowest op of the policies on a CPU.
+    """
+    wide = images.to(torch.int16)
+    rows = wide[..., :-2, :] + wide[..., 1:-1, :] + wide[..., 2:, :]
+    centre = wide[..., 1:-1, 1:-1]
+    total = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * centre
+    blurred = (2 * total + 13).div_(26, rounding_mode="floor")
     output = images.to(torch.float32)
-    blurred = F.conv2d(output, kernel.expand(channels, 1, 3, 3), groups=channels).round_()
-    inner = output[..., 1:-1, 1:-1]
-    inner.addcmul_(blurred.sub_(inner), _per_image(1.0 - (1.0 + magnitude)))
+    alpha = _per_image(1.0 - (1.0 + magnitude))
+    output[..., 1:-1, 1:-1].addcmul_(blurred.sub_(centre).to(torch.float32), alpha)
     return output.clamp_(0, 255).to(torch.uint8)
 
 
@@ -230,8 +237,10 @@ def _posterize(images: Tensor, magnitude: Tensor) -> Tensor:
 
 
 def _solarize(images: Tensor, magnitude: Tensor) -> Tensor:
-    threshold = _per_image(255.0 * magnitude)
-    return torch.where(images >= threshold, images.bitwise_not(), images)
+    """Invert pixels at or above 255 * magnitude. v2 compares with that threshold in float32;
+    for integer pixels that is a comparison with its ceiling, kept in uint8 (no float copy)."""
+    threshold = (255.0 * magnitude).to(torch.float32).ceil_().to(torch.uint8)
+    return torch.where(images >= threshold.view(-1, 1, 1, 1), images.bitwise_not(), images)
 
 
 def _unparameterised(op: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -287,14 +296,17 @@ def inverse_affine_matrices(
     return torch.stack([d, -b, offset_x, -c, a, offset_y], dim=1).to(torch.float32)
 
 
-def _affine(images: Tensor, matrices: Tensor, mode: str) -> Tensor:
-    """v2's tensor affine with a per-image matrix ([n, 6], float32): one grid, one sample.
+def _affine(images: Tensor, matrices: Tensor) -> Tensor:
+    """v2's tensor affine, nearest, with a per-image matrix ([n, 6], float32): one grid.
 
-    As `_affine_grid` and `_apply_grid_transform` do it: the matrix acts on pixel
-    coordinates centred on the image and the result is normalised by half the size, then
-    `grid_sample` with zero padding (the policies' fill=None) and rounding back to uint8.
+    The grid is built as `_affine_grid` builds it: the matrix acts on pixel coordinates
+    centred on the image, the result is normalised by half the size. v2 then samples the
+    float image with `grid_sample`, zero padding (the policies' fill=None), and rounds.
+    For nearest sampling this samples a map of pixel numbers instead (exact in float32)
+    and gathers the uint8 pixels it names: `grid_sample` makes the same nearest choice on
+    any device, with one channel instead of three and no float copy of the images.
     """
-    count, _, height, width = images.shape
+    count, channels, height, width = images.shape
     device = images.device
     base = torch.empty(1, height, width, 3, device=device)
     base[..., 0].copy_(
@@ -306,17 +318,16 @@ def _affine(images: Tensor, matrices: Tensor, mode: str) -> Tensor:
         ).unsqueeze_(-1)
     )
     base[..., 2].fill_(1)
-    half = torch.tensor([0.5 * width, 0.5 * height], device=device)
-    theta = matrices.view(count, 2, 3).transpose(1, 2).div(half)
+    theta = matrices.view(count, 2, 3).transpose(1, 2)
+    theta = torch.stack([theta[..., 0] / (0.5 * width), theta[..., 1] / (0.5 * height)], -1)
     grid = base.view(1, height * width, 3).expand(count, -1, -1).bmm(theta)
-    sampled = F.grid_sample(
-        images.to(torch.float32),
-        grid.view(count, height, width, 2),
-        mode=mode,
-        padding_mode="zeros",
-        align_corners=False,
-    )
-    return sampled.round_().to(torch.uint8)
+    grid = grid.view(count, height, width, 2)
+    numbers = torch.arange(1, height * width + 1, device=device, dtype=torch.float32)
+    numbers = numbers.view(1, 1, height, width).expand(count, 1, height, width)
+    source = F.grid_sample(numbers, grid, mode="nearest", align_corners=False).long()
+    # pixel number 0 is the zero fill v2's zero padding gives outside the image
+    pixels = F.pad(images.reshape(count, channels, height * width), (1, 0))
+    return pixels.gather(2, source.view(count, 1, -1).expand(-1, channels, -1)).view_as(images)
 
 
 Draw = tuple[Tensor, Tensor]  # per image: op index (long) and signed magnitude (float64)
@@ -358,7 +369,8 @@ class BatchedPolicy:
         fill = _private(policy, "_fill")
         if any(value is not None for value in fill.values()):
             raise ValueError("the batched policy fills with zeros only (v2's fill=None)")
-        self.mode = InterpolationMode(policy.interpolation).value
+        if InterpolationMode(policy.interpolation) != InterpolationMode.NEAREST:
+            raise ValueError("the batched policy samples nearest only (the v2 policies' default)")
         self.signed = torch.tensor([space.get(op, (None, False))[1] for op in self.ops])
         colours = [op for op in self.ops if op in COLOUR_OPS]
         # sort key: Identity first, then all geometric ops together, then each colour op
@@ -445,7 +457,7 @@ class BatchedPolicy:
         for name, start, stop in plan.groups:
             rows = ranked[start:stop]
             if name == "geometric":
-                rows.copy_(_affine(rows, matrices[start:stop], self.mode))
+                rows.copy_(_affine(rows, matrices[start:stop]))
             else:
                 rows.copy_(COLOUR_OPS[name](rows, magnitude[start:stop]))
             self.op_calls += 1
