@@ -337,8 +337,8 @@ Draw = tuple[Tensor, Tensor]  # per image: op index (long) and signed magnitude 
 class SlotPlan:
     """One policy slot of one view, prepared on the host.
 
-    `params` ([B, 9] float64, CPU) is what the device needs: the order that sorts
-    images by op group, its inverse, and the magnitude and affine matrix in that order.
+    `params` ([B, 8] float64, CPU) is what the device needs: the order that sorts
+    images by op group, and the magnitude and affine matrix in that order.
     `groups` are (op, start, stop) rows of the sorted batch, all known on the host because
     the draws are, so slicing them needs no device sync.
     """
@@ -444,24 +444,34 @@ class BatchedPolicy:
             if name != "Identity" and counts[k] > 0
         ]
         matrices = inverse_affine_matrices(self.ops, ops[order], magnitude[order], size)
-        columns = [order, torch.argsort(order), magnitude[order]]
+        columns = [order, magnitude[order]]
         params = torch.cat([torch.stack(columns, 1).double(), matrices.double()], dim=1)
         return SlotPlan(params, groups)
 
     def apply(self, images: Tensor, plan: SlotPlan, params: Tensor) -> Tensor:
-        """One slot on the batch; `params` is `plan.params` on the images' device."""
+        """One slot on the batch; `params` is `plan.params` on the images' device.
+
+        Only the images that drew an op are gathered (AutoAugment leaves many alone), in
+        op order, and written back by index: unique rows, so deterministic on CUDA too.
+        """
         if not plan.groups:
             return images
-        ranked = images[params[:, 0].long()]
-        magnitude, matrices = params[:, 2], params[:, 3:].to(torch.float32)
+        first = plan.groups[0][1]  # the rows before drew Identity
+        params = params[first:]
+        rows = params[:, 0].long()
+        ranked = images[rows]
+        magnitude, matrices = params[:, 1], params[:, 2:].to(torch.float32)
         for name, start, stop in plan.groups:
-            rows = ranked[start:stop]
+            start, stop = start - first, stop - first
+            group = ranked[start:stop]
             if name == "geometric":
-                rows.copy_(_affine(rows, matrices[start:stop]))
+                group.copy_(_affine(group, matrices[start:stop]))
             else:
-                rows.copy_(COLOUR_OPS[name](rows, magnitude[start:stop]))
+                group.copy_(COLOUR_OPS[name](group, magnitude[start:stop]))
             self.op_calls += 1
-        return ranked[params[:, 1].long()]
+        out = images.clone()
+        out[rows] = ranked
+        return out
 
 
 def to_device(params: Tensor, device: torch.device) -> Tensor:
