@@ -58,7 +58,7 @@ PATHS = (("per-image", 1), ("per-image", 2), ("batched (CPU)", 0))  # (path, loa
 FULL = {"images": 64, "batch": 16, "rounds": 3}
 QUICK = {"images": 32, "batch": 8, "rounds": 1}
 BEFORE_ISSUE_17 = "5554c403d7c90c9f4e55d4317b828b8993c36e60"  # batch_augment.py grouping by key
-COMPARE = {"batch": 128, "rounds": 5, "views": 3}  # views timed per side and round
+COMPARE = {"batch": 128, "rounds": 7, "views": 3}  # views timed per side and round
 COMPARE_QUICK = {"batch": 16, "rounds": 3, "views": 1}
 
 
