@@ -1,8 +1,9 @@
 """Images/s the training input delivers to the step, at 224 px, with no model behind it.
 
-    .venv/bin/python bench/input_pipeline.py           # full: ~25 min on a 2-CPU machine at load 20
-    .venv/bin/python bench/input_pipeline.py --quick   # smoke check: ~1 min, tiny settings
-    .venv/bin/python bench/input_pipeline.py --part batched   # old vs new batched path: ~2 min
+    .venv/bin/python bench/input_pipeline.py           # full: ~30 min on a 2-CPU machine at load 20
+    .venv/bin/python bench/input_pipeline.py --quick   # smoke check: ~2 min, tiny settings
+    .venv/bin/python bench/input_pipeline.py --part loader    # the loader tables only: ~25 min
+    .venv/bin/python bench/input_pipeline.py --part batched   # old vs new BatchAugment: ~3 min
 
 It iterates the engine's own train loader (`engine._train_loader`: the sampler, the dataset
 with its per-sample seeding, the DataLoader with persistent workers and prefetch) over
