@@ -29,8 +29,10 @@ failure. Sections, in order of value; a failing one never stops the others:
   gloo on CUDA tensors runs when it refuses; the backend that ran and why are recorded.
 
 Time caps. `--budget-s` counts from the start of this script, so imports and CUDA start-up
-are inside it. Each section may use its SHARE of the budget, never more than what is left
-of it; the shares add up to 0.9, the rest pays for start-up. A cap is a SIGALRM timer whose
+are inside it. Each section's cap is its part of the time left (less CLOSING_S for the end),
+shared with the sections still to run in proportion to their weights: time that a section
+did not use, or a skipped Ray section's, goes to the ones after it, and the last one ends
+by the budget's end. A cap is a SIGALRM timer whose
 handler raises `SectionCapped` in the main thread. Python runs the handler between any two
 bytecodes, so the cap stops a section between two of its ops: inside `engine.fit`'s epoch,
 which has no per-step hook, and inside an op that loops in Python (issue 17's roi_align
@@ -67,7 +69,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -114,6 +116,7 @@ GOAL_PIPELINE_RATIO = 0.8
 GOAL_SECONDS = 240.0  # a loan is ~15 min of device time, up to 4 of them machine start-up
 REFIRE_S = 2.0  # a capped section that has not unwound yet is interrupted again this often
 WORLD = 2  # DDP ranks sharing the one device
+CLOSING_S = 5.0  # kept from the sections: a capped one's unwinding, the last report
 SMOKE_BUDGET_S = 900.0  # the smoke run measures nothing; its caps only end a hang, and a busy
 # 2-CPU machine can take a minute to start Ray
 RANK_EXIT_S = 2.0  # a rank that wrote its record may exit this long before it is killed
@@ -491,6 +494,7 @@ def throughput_section(context: Context, result: dict[str, Any], arch: str) -> N
 # ---------------------------------------------------------------- Ray sections
 
 
+@cache
 def ray_installed() -> bool:
     """Whether the Ray sections can run: the device machine has no Ray."""
     try:
@@ -741,8 +745,8 @@ def wait_for_ranks(processes: list[Any], records: list[Path], timeout: float) ->
 def run_ranks(
     context: Context, backend: str, config: RunConfig, timeout: float
 ) -> list[dict[str, Any]]:
-    """Start WORLD ranks with `backend` and return their records ({} for a rank that wrote
-    none). Ranks still running at the end (a hang, the cap) are killed."""
+    """Start WORLD ranks with `backend` and return their records; a rank that wrote none
+    gets {"no_record": why}. Ranks still running at the end (a hang, the cap) are killed."""
     spawn = torch.multiprocessing.get_context("spawn")
     store = context.folder / f"ddp-{backend}-store"
     records = [context.folder / f"ddp-{backend}-rank{rank}.json" for rank in range(WORLD)]
@@ -768,11 +772,17 @@ def run_ranks(
         wait_for_ranks(processes, records, timeout)
         for process in processes:
             process.join(RANK_EXIT_S)
+        exits = [process.exitcode for process in processes]  # None: still running
     finally:
         for process in processes:
             if process.is_alive():
                 process.kill()
-    return [json.loads(r.read_text()) if r.exists() else {} for r in records]
+    return [
+        json.loads(record.read_text())
+        if record.exists()
+        else {"no_record": "still running, killed" if code is None else f"exit code {code}"}
+        for record, code in zip(records, exits, strict=True)
+    ]
 
 
 def ddp_checks(ranks: list[dict[str, Any]], device: torch.device) -> dict[str, bool]:
@@ -805,8 +815,9 @@ def ddp_section(context: Context, result: dict[str, Any]) -> None:
         left = context.deadline - time.monotonic()
         ranks = run_ranks(context, backend, config, left if last else left / 2)
         refusal = next((rank["refused"] for rank in ranks if "refused" in rank), None)
-        if refusal is None and any(not rank for rank in ranks) and not last:
-            refusal = "no rank finished in its share of the time (a hang)"
+        missing = [rank["no_record"] for rank in ranks if "no_record" in rank]
+        if refusal is None and missing and not last:  # a crash or a hang in its time share
+            refusal = f"no record from {len(missing)} rank(s): {', '.join(missing)}"
         attempts.append({"backend": backend, "refused": refusal})
         if refusal is None or last:
             break
@@ -826,19 +837,24 @@ def ddp_section(context: Context, result: dict[str, Any]) -> None:
 @dataclass(frozen=True)
 class Section:
     run: Callable[[Context, dict[str, Any]], None]
-    share: float  # of --budget-s
+    weight: float  # its part of the time left, against the sections still to run
     needs_ray: bool = False
 
 
 SECTIONS: dict[str, Section] = {  # in order of value: a short loan runs the first ones
-    "recipe": Section(recipe_section, 0.25),
-    "throughput_resnet18": Section(partial(throughput_section, arch="resnet18"), 0.10),
-    "throughput_resnet50": Section(partial(throughput_section, arch="resnet50"), 0.13),
-    "ray_member": Section(member_section, 0.10, needs_ray=True),
-    "inference_tencrop": Section(tencrop_section, 0.05),
-    "inference_actor": Section(actor_inference_section, 0.08, needs_ray=True),
-    "ddp": Section(ddp_section, 0.19),
+    "recipe": Section(recipe_section, 0.28),
+    "throughput_resnet18": Section(partial(throughput_section, arch="resnet18"), 0.11),
+    "throughput_resnet50": Section(partial(throughput_section, arch="resnet50"), 0.14),
+    "ray_member": Section(member_section, 0.11, needs_ray=True),
+    "inference_tencrop": Section(tencrop_section, 0.06),
+    "inference_actor": Section(actor_inference_section, 0.09, needs_ray=True),
+    "ddp": Section(ddp_section, 0.21),
 }
+
+
+def runs_here(section: Section) -> bool:
+    """False for a Ray section where Ray is not installed (the device machine)."""
+    return not section.needs_ray or ray_installed()
 
 
 def run_section(name: str, section: Section, context: Context, cap: float) -> dict[str, Any]:
@@ -846,7 +862,7 @@ def run_section(name: str, section: Section, context: Context, cap: float) -> di
     error, its wall time and its peak GPU memory."""
     print(f"[gpu_check] {name} (cap {cap:.0f} s) ...", flush=True)
     result: dict[str, Any] = {"cap_seconds": cap}
-    if section.needs_ray and not ray_installed():
+    if not runs_here(section):
         result |= {"status": "skipped", "summary": "skipped: ray not installed"}
         print(f"[gpu_check] {name}: skipped: ray not installed", flush=True)
         return result
@@ -971,8 +987,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s",
         type=float,
-        help=f"wall time for the whole run, start-up included; each section gets a share "
-        f"(default {GOAL_SECONDS:g}, {SMOKE_BUDGET_S:g} with --cpu-smoke)",
+        help=f"wall time for the whole run, start-up included; shared by the sections "
+        f"by weight (default {GOAL_SECONDS:g}, {SMOKE_BUDGET_S:g} with --cpu-smoke)",
     )
     parser.add_argument(
         "--sections",
@@ -1022,15 +1038,25 @@ def refresh_report(report: dict[str, Any], out: Path, judged: bool, finished: bo
     return write_report(out, report)
 
 
+def section_cap(names: list[str], seconds_left: float) -> float:
+    """The first named section's cap: its weight's part of `seconds_left`, against the
+    weights of all the named sections that run here; 0 if it does not run here."""
+    section = SECTIONS[names[0]]
+    if not runs_here(section):
+        return 0.0
+    weights = sum(SECTIONS[name].weight for name in names if runs_here(SECTIONS[name]))
+    return seconds_left * section.weight / weights
+
+
 def run_sections(
     names: list[str], context: Context, budget: float, report: dict[str, Any], out: Path
 ) -> None:
-    """Each named section under its share of the budget (never past the budget's end), the
-    report rewritten after each."""
-    for name in names:
-        section = SECTIONS[name]
-        cap = min(section.share * budget, STARTED + budget - time.monotonic())
-        report["sections"][name] = run_section(name, section, context, cap)
+    """Each named section under its cap (see the module's docstring), the report rewritten
+    after each."""
+    ends = STARTED + budget - CLOSING_S
+    for index, name in enumerate(names):
+        cap = section_cap(names[index:], ends - time.monotonic())
+        report["sections"][name] = run_section(name, SECTIONS[name], context, cap)
         refresh_report(report, out, judged=report["mode"] == "device", finished=False)
 
 

@@ -30,14 +30,17 @@ PURE = [name for name in ORDER if name not in RAY_SECTIONS]
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    """The script as a module (it imports `common` from bench/, as when run as a script)."""
+    """The script as a module (it imports `common` from bench/, as when run as a script;
+    its dataclasses look their module up in sys.modules while it loads)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT / "bench"))
+    sys.modules["gpu_check"] = module
     try:
-        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT / "bench"))
+        del sys.modules["gpu_check"]
     return module
 
 
@@ -120,6 +123,18 @@ def test_a_cap_stops_a_running_section_and_keeps_its_partial_result(gpu_check):
     assert none_left["status"] == "capped" and "steps" not in none_left  # never started
 
 
+def test_caps_share_the_time_left_by_weight_and_skip_ray_sections_without_ray(
+    gpu_check, monkeypatch
+):
+    monkeypatch.setattr(gpu_check, "ray_installed", lambda: False)
+    weight = {name: section.weight for name, section in gpu_check.SECTIONS.items()}
+    later = ["recipe", "ray_member", "ddp"]
+    share = weight["recipe"] / (weight["recipe"] + weight["ddp"])
+    assert gpu_check.section_cap(later, 100.0) == pytest.approx(100 * share)
+    assert gpu_check.section_cap(later[1:], 100.0) == 0.0
+    assert gpu_check.section_cap(later[2:], 100.0) == pytest.approx(100.0)  # the last: all
+
+
 def test_the_report_is_rewritten_after_each_section(gpu_check, tmp_path, monkeypatch):
     seen: dict = {}
 
@@ -130,7 +145,7 @@ def test_the_report_is_rewritten_after_each_section(gpu_check, tmp_path, monkeyp
         seen.update(json.loads((tmp_path / "gpu_check.json").read_text()))
         result |= {"checks": {"ran": True}, "summary": "second"}
 
-    sections = {"first": gpu_check.Section(first, 0.5), "second": gpu_check.Section(second, 0.5)}
+    sections = {"first": gpu_check.Section(first, 1.0), "second": gpu_check.Section(second, 1.0)}
     monkeypatch.setattr(gpu_check, "SECTIONS", sections)
     cpu = torch.device("cpu")
     report = {
