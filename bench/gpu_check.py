@@ -19,7 +19,7 @@ failure. Sections, in order of value; a failing one never stops the others:
   device (`batch_augment=True`, forced so that the CPU smoke run goes through it too).
 - ray_member (Ray): one member through `members.train_members` on a 1-GPU Ray Train worker.
 - inference_tencrop: TenCrop images/s of the engine's own eval path
-  (`augment.predict_probabilities`) on the device, at the engine's eval chunk.
+  (`augment.predict_probabilities`) on the device, 256 uint8 images handed over per call.
 - inference_actor (Ray): TenCrop images/s of one GPU actor through
   `inference.member_probabilities`, the difference of a small and a large call.
 - ddp: two processes (`torch.multiprocessing`) share the one GPU: `engine.fit` under a
@@ -32,16 +32,16 @@ Time caps. `--budget-s` counts from the start of this script, so imports and CUD
 are inside it. Each section's cap is its part of the time left (less CLOSING_S for the end),
 shared with the sections still to run in proportion to their weights: time that a section
 did not use, or a skipped Ray section's, goes to the ones after it, and the last one ends
-by the budget's end. A cap is a SIGALRM timer whose
-handler raises `SectionCapped` in the main thread. Python runs the handler between any two
-bytecodes, so the cap stops a section between two of its ops: inside `engine.fit`'s epoch,
-which has no per-step hook, and inside an op that loops in Python (issue 17's roi_align
-fallback) alike, without a subprocess per section paying Python, torch and CUDA start-up
-again. It cannot interrupt one long native call; the DDP ranks, whose collectives could
-hang, run in child processes the parent kills. `SectionCapped` is a BaseException, so no
-`except Exception` swallows it, and the timer fires again every REFIRE_S until the section
-has unwound, in case one lands where Python ignores it (a `__del__`). A section writes what
-it has measured into its result as it goes, so a capped one reports that, "capped": true.
+by the budget's end. A cap is a SIGALRM timer whose handler raises `SectionCapped` in the
+main thread. Python runs the handler between any two bytecodes, so the cap stops a section
+between two of its ops: inside `engine.fit`'s epoch, which has no per-step hook, and inside
+an op that loops in Python (issue 17's roi_align fallback) alike, without a subprocess per
+section paying Python, torch and CUDA start-up again. It cannot interrupt one long native
+call; the DDP ranks, whose collectives could hang, run in child processes the parent kills.
+`SectionCapped` is a BaseException, so no `except Exception` swallows it, and the timer
+fires again every REFIRE_S until the section has unwound, in case one lands where Python
+ignores it (a `__del__`). A section writes what it has measured into its result as it
+goes, so a capped one reports that, with "capped": true.
 
 After every section the report is rewritten, atomically: a run killed midway still reports
 what it finished. Writes <out>/gpu_check.json and <out>/gpu_check.md (default
@@ -102,7 +102,7 @@ from ar_ray.recipe.engine import fit  # noqa: E402
 from ar_ray.recipe.losses import (  # noqa: E402
     contrastive_regularization,
     supcon,
-    symmetric_cross_entropy,  # noqa: E402
+    symmetric_cross_entropy,
 )
 from ar_ray.recipe.models import ARNet, place_model  # noqa: E402
 from ar_ray.resources import loader_workers_for  # noqa: E402
@@ -381,6 +381,8 @@ def max_weight_difference(first: dict[str, Any], second: dict[str, Any]) -> floa
 
 
 def recipe_section(context: Context, result: dict[str, Any]) -> None:
+    """Finite losses and a bit-exact resume of the recipe a GPU trial runs (CR, Mean Teacher,
+    batched augmentation on the device): what a short loan must confirm first."""
     config = recipe_config(context.sizes)
     splits = synthetic_splits(context.sizes.recipe_images, config.batch_size, config.image_size)
     saved = context.folder / "recipe_epoch_before_last.pt"
@@ -471,6 +473,7 @@ def pipeline_rate(
 
 
 def throughput_section(context: Context, result: dict[str, Any], arch: str) -> None:
+    """Whether the input pipeline keeps the GPU busy: its rate against the model's alone."""
     sizes = context.sizes
     config = throughput_config(sizes, arch)
     epoch_seconds: list[float] = []
@@ -733,11 +736,12 @@ def ddp_rank(
 
 
 def wait_for_ranks(processes: list[Any], records: list[Path], timeout: float) -> None:
-    """Until every rank wrote its record, one refused the backend, all exited, or `timeout`."""
+    """Until every rank wrote its record, one refused the backend or failed (the others
+    would wait for it in a collective), all exited, or `timeout`."""
     ends = time.monotonic() + timeout
     while time.monotonic() < ends and any(p.is_alive() for p in processes):
         written = [json.loads(r.read_text()) for r in records if r.exists()]
-        if len(written) == len(records) or any("refused" in w for w in written):
+        if len(written) == len(records) or any("refused" in w or "error" in w for w in written):
             return
         time.sleep(0.2)
 
@@ -802,14 +806,13 @@ def ddp_checks(ranks: list[dict[str, Any]], device: torch.device) -> dict[str, b
     }
 
 
-def ddp_section(context: Context, result: dict[str, Any]) -> None:
-    """nccl first on CUDA; gloo (on CUDA tensors) when nccl refuses, in at most half of the
-    time left, so a hanging nccl still leaves gloo its turn. gloo only on CPU."""
-    config = ddp_config(context.sizes)
-    result["config"] = config.to_dict()
+def ranks_with_fallback(
+    context: Context, config: RunConfig, attempts: list[dict[str, Any]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The backend that ran and its ranks' records. nccl first on CUDA, in at most half of
+    the time left, so a hanging nccl still leaves gloo (on CUDA tensors) its turn when nccl
+    refuses; gloo only on CPU. Each attempt is appended to `attempts` as it ends."""
     backends = ["nccl", "gloo"] if context.device.type == "cuda" else ["gloo"]
-    attempts: list[dict[str, Any]] = []
-    result["attempts"] = attempts
     for backend in backends:
         last = backend == backends[-1]
         left = context.deadline - time.monotonic()
@@ -819,15 +822,29 @@ def ddp_section(context: Context, result: dict[str, Any]) -> None:
         if refusal is None and missing and not last:  # a crash or a hang in its time share
             refusal = f"no record from {len(missing)} rank(s): {', '.join(missing)}"
         attempts.append({"backend": backend, "refused": refusal})
-        if refusal is None or last:
+        if refusal is None:
             break
-    checks = ddp_checks(ranks, context.device)
+    return backend, ranks
+
+
+def ddp_section(context: Context, result: dict[str, Any]) -> None:
+    """Two ranks share the device through `engine.fit`, as a multi-GPU member's would."""
+    config = ddp_config(context.sizes)
+    attempts: list[dict[str, Any]] = []
+    result |= {"config": config.to_dict(), "attempts": attempts}
+    backend, ranks = ranks_with_fallback(context, config, attempts)
     fallback = f" (nccl refused: {attempts[0]['refused']})" if len(attempts) > 1 else ""
+    problems = [
+        rank.get("error") or rank.get("refused") or rank.get("no_record")
+        for rank in ranks
+        if "parameter_digest" not in rank
+    ]
+    failed = f"; {problems[0].splitlines()[0]}" if problems else ""
     result |= {
         "backend": backend,
         "ranks": ranks,
-        "checks": checks,
-        "summary": f"{WORLD} ranks, {backend} on {context.device.type}{fallback}"[:160],
+        "checks": ddp_checks(ranks, context.device),
+        "summary": f"{WORLD} ranks, {backend} on {context.device.type}{fallback}{failed}"[:200],
     }
 
 

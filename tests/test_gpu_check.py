@@ -135,6 +135,32 @@ def test_caps_share_the_time_left_by_weight_and_skip_ray_sections_without_ray(
     assert gpu_check.section_cap(later[2:], 100.0) == pytest.approx(100.0)  # the last: all
 
 
+@pytest.mark.parametrize(
+    ("nccl", "backends"),
+    [
+        ({"refused": "DistBackendError: Duplicate GPU detected"}, ["nccl", "gloo"]),
+        ({"no_record": "still running, killed"}, ["nccl", "gloo"]),
+        ({"parameter_digest": "d"}, ["nccl"]),
+    ],
+)
+def test_ddp_falls_back_to_gloo_only_when_nccl_refuses_or_hangs(
+    gpu_check, monkeypatch, nccl, backends
+):
+    ran: list[str] = []
+
+    def fake_ranks(context, backend, config, timeout):
+        ran.append(backend)
+        return [nccl, nccl] if backend == "nccl" else [{"parameter_digest": "d"}] * 2
+
+    monkeypatch.setattr(gpu_check, "run_ranks", fake_ranks)
+    context = gpu_check.Context(gpu_check.SMOKE, torch.device("cuda"), Path("."), deadline=0.0)
+    attempts: list = []
+    backend, ranks = gpu_check.ranks_with_fallback(context, None, attempts)
+    assert ran == backends and backend == backends[-1] and ranks[0] == {"parameter_digest": "d"}
+    assert [attempt["backend"] for attempt in attempts] == backends
+    assert (attempts[0]["refused"] is None) == (backends == ["nccl"])
+
+
 def test_the_report_is_rewritten_after_each_section(gpu_check, tmp_path, monkeypatch):
     seen: dict = {}
 
