@@ -723,7 +723,8 @@ def ddp_rank(
         dist.all_reduce(probe)
         synchronize(device)
     except Exception as error:  # recorded for the parent; nothing else can run without it
-        outcome["refused"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        # NCCL names the cause ("Duplicate GPU detected") lines below its first
+        outcome["refused"] = " | ".join(f"{type(error).__name__}: {error}".splitlines())[:600]
         atomic_write_text(Path(record), json.dumps(outcome))
         return
     try:
@@ -839,7 +840,7 @@ def ddp_section(context: Context, result: dict[str, Any]) -> None:
         for rank in ranks
         if "parameter_digest" not in rank
     ]
-    failed = f"; {problems[0].splitlines()[0]}" if problems else ""
+    failed = f"; {problems[0].splitlines()[0]}" if problems else ""  # the full text is in ranks
     result |= {
         "backend": backend,
         "ranks": ranks,
