@@ -894,7 +894,8 @@ def run_section(name: str, section: Section, context: Context, cap: float) -> di
         passed = not capped and all(result["checks"].values())
         result |= {"status": "capped" if capped else "pass" if passed else "FAIL"}
         if capped:
-            result |= {"capped": True, "summary": f"capped at {cap:.0f} s; partial result kept"}
+            kept = "partial result kept" if cap > 0 else "not started: the budget was spent"
+            result |= {"capped": True, "summary": f"capped at {cap:.0f} s; {kept}"}
     except Exception as error:  # recorded: one failing section must not stop the others
         traceback.print_exc()
         result |= {"status": "FAIL", "error": f"{type(error).__name__}: {error}"[:2000]}
@@ -1063,7 +1064,7 @@ def section_cap(names: list[str], seconds_left: float) -> float:
     if not runs_here(section):
         return 0.0
     weights = sum(SECTIONS[name].weight for name in names if runs_here(SECTIONS[name]))
-    return seconds_left * section.weight / weights
+    return max(0.0, seconds_left) * section.weight / weights
 
 
 def run_sections(
