@@ -878,12 +878,12 @@ def runs_here(section: Section) -> bool:
 def run_section(name: str, section: Section, context: Context, cap: float) -> dict[str, Any]:
     """Run one section under its cap, keeping its result (partial when capped) or its
     error, its wall time and its peak GPU memory."""
-    print(f"[gpu_check] {name} (cap {cap:.0f} s) ...", flush=True)
     result: dict[str, Any] = {"cap_seconds": cap}
     if not runs_here(section):
         result |= {"status": "skipped", "summary": "skipped: ray not installed"}
         print(f"[gpu_check] {name}: skipped: ray not installed", flush=True)
         return result
+    print(f"[gpu_check] {name} (cap {cap:.0f} s) ...", flush=True)
     device = context.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
