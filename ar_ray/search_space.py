@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-
 from ar_ray.config import ConfigError, RunConfig, coerce_value, hyperparameter_types, read_yaml
 
 DOMAINS = ("uniform", "loguniform", "int", "choice")
@@ -26,6 +24,8 @@ class Domain:
     values: tuple[Any, ...]  # [lo, hi] for ranges (both inclusive for int), options for choice
 
     def to_tune(self) -> Any:
+        from ray import tune  # here: reading a space (bench/gpu_check.py) must not need Ray
+
         if self.kind == "uniform":
             return tune.uniform(*self.values)
         if self.kind == "loguniform":
