@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 
 import ray
+import torch
 
 from ar_ray.errors import UserError
 from ar_ray.interrupts import treat_sigterm_as_interrupt
@@ -71,3 +73,29 @@ def placement_labels() -> dict[str, object]:
 def assigned_loader_workers() -> int:
     """Loader workers for the calling trial or worker: the CPUs Ray granted it, minus one."""
     return loader_workers_for(placement_labels()["cpus"])
+
+
+def choose_device(
+    cuda_available: bool, in_ray_worker: bool, gpu_ids: Sequence[object]
+) -> torch.device:
+    """CUDA only for a process that may use it: outside Ray whenever CUDA exists; inside a
+    Ray worker (trial, Train worker, inference actor) only when Ray assigned it GPUs.
+
+    Ray 2.60 no longer clears CUDA_VISIBLE_DEVICES for a process holding 0 GPUs, so such a
+    process still sees every GPU of its node: trusting CUDA there would put a CPU trial or
+    actor on cuda:0, a GPU Ray reserved for someone else.
+    """
+    may_use_gpu = not in_ray_worker or bool(gpu_ids)
+    return torch.device("cuda" if cuda_available and may_use_gpu else "cpu")
+
+
+def ray_gpu_view() -> tuple[bool, list[str]]:
+    """(is this process a Ray worker?, the GPU ids Ray assigned it): `choose_device`'s Ray
+    inputs, read in the calling process."""
+    in_worker = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    return in_worker, [str(gpu) for gpu in ray.get_gpu_ids()] if in_worker else []
+
+
+def assigned_device() -> torch.device:
+    """The device the calling trial, member worker or inference actor computes on."""
+    return choose_device(torch.cuda.is_available(), *ray_gpu_view())
