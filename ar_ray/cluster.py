@@ -14,21 +14,22 @@ from ar_ray.interrupts import treat_sigterm_as_interrupt
 from ar_ray.resources import loader_workers_for
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None) -> bool:
     """`--address`, else RAY_ADDRESS, else a local Ray whose dashboard only listens locally.
 
-    An already initialised Ray (a notebook, a test session) is used as it is.
+    An already initialised Ray (a notebook, a test session) is used as it is. True when
+    ar-ray started Ray itself (embedded): then no autoscaler can ever add a node.
     """
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        _init(address)
+        return _init(address)
     finally:
         treat_sigterm_as_interrupt()  # ray.init installs a SIGTERM handler that aborts
 
 
-def _init(address: str | None) -> None:
+def _init(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
@@ -37,8 +38,10 @@ def _init(address: str | None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise UserError(f"--address {address}: cannot join Ray ({first_line})") from None
-        return
-    ray.init(dashboard_host="127.0.0.1")
+        return False
+    # "local": a Ray of its own, never one a `ray start` left running on this machine
+    ray.init(address="local", dashboard_host="127.0.0.1")
+    return True
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
