@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
-from ar_ray.errors import Interrupted, UserError
+from ar_ray.errors import UserError
 from ar_ray.resources import Resources
 
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ class InfeasibleWatch:
     Ray 2.60 reports infeasible requests only in the autoscaler events it streams to every
     driver (v2's `get_cluster_status` drops them, and v1 keeps them nowhere else), so the
     watch listens to that stream. It interrupts the main thread as Ctrl+C would, so Tune
-    stops its trials cleanly, and turns that interrupt into the error on the way out.
+    stops its trials cleanly, and raises the error on the way out: however the body ended
+    (an interrupt, or Tune returning its stopped trials), the infeasible request is why.
     """
 
     HANDLER = "ar_ray_infeasible"
@@ -130,8 +131,7 @@ class InfeasibleWatch:
         traceback: TracebackType | None,
     ) -> None:
         global_worker_stdstream_dispatcher.remove_handler(self.HANDLER)
-        interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, Interrupted))
-        if self.error is not None and interrupted:
+        if self.error is not None:  # the cause, however the interrupted body ended
             raise self.error from None
 
     def _on_logs(self, data: dict[str, Any]) -> None:
