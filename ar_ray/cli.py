@@ -479,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as error:
+        _shutdown_ray()  # work it queued (a member's trainer thread) must not hold the exit
         if args.debug:
             traceback.print_exc()
         print(f"ar-ray: error: {error}", file=sys.stderr)

@@ -92,7 +92,7 @@ def test_gpu_trial_on_the_embedded_local_ray_exits_2_before_queueing(tmp_path, m
     assert not (tmp_path / "nogpu" / "tune" / "request.yaml").exists()  # nothing was run
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cpu_only_cluster():
     cluster = FakeAutoscalingCluster(CPU_NODES, head_cpus=0, idle_minutes=1)
     cluster.start()
@@ -111,3 +111,27 @@ def test_gpu_trial_on_a_cluster_without_gpu_node_types_exits_2(cpu_only_cluster,
         "--cpus-per-trial 1 / --gpus-per-trial 1: Ray reports that no node type of this "
         "cluster can hold a trial of 1 CPU + 1 GPU (infeasible)",
     )
+
+
+def test_cpu_trials_wait_for_their_node_and_oversized_members_exit_2(cpu_only_cluster, tmp_path):
+    """The watch stays quiet while the autoscaler starts a CPU node for the trial, then stops
+    `ensemble` whose workers no node type can hold: GPU workers (found by the probe that picks
+    the DDP backend) and 2-CPU workers (found while members train in their threads)."""
+    address = ("--address", cpu_only_cluster.address)
+    tune = run_cli(
+        *("tune", "--space", QUICK, "--trials", "1", "--epochs", "1", "--limit-per-class", "10"),
+        *("--storage", str(tmp_path), "--name", "cpu", *address),
+    )
+    assert tune.returncode == 0, tune.stderr[-3000:]
+    ensemble = ("ensemble", "--from", str(tmp_path / "cpu"), "--members", "1", "--epochs", "1")
+    for flag, request in (("--gpus-per-worker", "1"), ("--cpus-per-worker", "2")):
+        result = run_cli(
+            *(*ensemble, flag, request, "--overwrite", *address),
+            timeout=300,  # a hang guard only: without the watch the command waits forever
+        )
+        worker = Resources(cpus=float(request), gpus=0) if "cpus" in flag else Resources(1, 1)
+        assert_user_error(
+            result,
+            f"--cpus-per-worker {worker.cpus:g} / --gpus-per-worker {worker.gpus:g}: Ray reports "
+            f"that no node type of this cluster can hold a member worker of {worker.describe()}",
+        )
