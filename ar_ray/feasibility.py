@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 INFEASIBLE = "No available node types can fulfill"
 """How Ray 2.60's autoscaler (v1 and v2) words an infeasible request in its events."""
 EVENT_END = "Add suitable node types"
+SHAPE = re.compile(r"\{(?:'[^']*': [-+.0-9e]+(?:, )?)*\}")  # {'CPU': 1.0, 'GPU': 1.0}
 RAY_NAMES = {"cpus": "CPU", "gpus": "GPU"}
 
 
@@ -46,16 +47,21 @@ class Demand:
 
     def shape(self) -> dict[str, float]:
         """One process's request as Ray reports it: resources of 0 are left out."""
-        amounts = {"CPU": self.each.cpus, "GPU": self.each.gpus}
+        amounts = {name: getattr(self.each, kind) for kind, name in RAY_NAMES.items()}
         return {name: amount for name, amount in amounts.items() if amount > 0}
 
     def flag(self, kind: str) -> str:
-        """The flag(s) behind this unit's `kind` ("cpus" or "gpus"), with their values."""
-        stated = f"--{kind}-per-{self.per} {getattr(self.each, kind):g}"
-        return f"{self.together_flag} {self.together} x {stated}" if self.together > 1 else stated
+        """The flag behind one process's `kind` ("cpus" or "gpus"), with its value."""
+        return f"--{kind}-per-{self.per} {getattr(self.each, kind):g}"
 
     def flags(self) -> str:
+        """Both flags of one process: an infeasible request may be either's doing."""
         return f"{self.flag('cpus')} / {self.flag('gpus')}"
+
+    def gang_flag(self, kind: str) -> str:
+        """The flags behind `kind` for all the processes placed together."""
+        prefix = f"{self.together_flag} {self.together} x " if self.together > 1 else ""
+        return prefix + self.flag(kind)
 
 
 def ensemble_demands(train: TrainOptions, inference: InferenceOptions) -> list[Demand]:
@@ -80,7 +86,7 @@ def check_fits_machine(demands: Sequence[Demand], machine: dict[str, float]) -> 
             has = machine.get(RAY_NAMES[kind], 0.0)
             if asked > has:
                 raise UserError(
-                    f"{demand.flag(kind)} asks for {_amount(asked, RAY_NAMES[kind])} but this "
+                    f"{demand.gang_flag(kind)} asks for {_amount(asked, RAY_NAMES[kind])} but this "
                     f"machine has {has:g} (embedded local Ray; join a cluster with --address)"
                 )
 
@@ -100,7 +106,7 @@ def infeasible_shapes(line: str) -> list[dict[str, Any]]:
     if not found:
         return []
     reported = rest.split(EVENT_END, 1)[0]
-    return [ast.literal_eval(shape) for shape in re.findall(r"\{[^{}]*\}", reported)]
+    return [ast.literal_eval(shape) for shape in SHAPE.findall(reported)]
 
 
 class InfeasibleWatch:
