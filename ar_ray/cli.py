@@ -298,6 +298,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
+    from ar_ray.feasibility import Demand, failing_fast
     from ar_ray.search_space import load_search_space
     from ar_ray.tune import (
         TuneRequest,
@@ -309,6 +310,7 @@ def _tune(args: argparse.Namespace) -> int:
         request_path,
         resolve_first_rung,
         run_tune,
+        trial_resources,
     )
 
     for flag in ("trials", "epochs", "max_concurrent", "grace_period", "limit_per_class"):
@@ -343,15 +345,16 @@ def _tune(args: argparse.Namespace) -> int:
         request = recorded
     else:  # a searched key that can never act fails here, before Ray starts
         request = resolve_first_rung(request, space)
-    connect(args.address)
-    splits = load_splits(
-        listing,
-        base_config(request, space).image_size,
-        skip_bad_images=request.skip_bad_images,
-        limit_per_class=request.limit_per_class,
-        experiment=experiment_root(request),
-    )
-    board = run_tune(request, space, splits, resume=args.resume)
+    embedded = connect(args.address)
+    with failing_fast([Demand("trial", "trial", trial_resources(request))], embedded):
+        splits = load_splits(
+            listing,
+            base_config(request, space).image_size,
+            skip_bad_images=request.skip_bad_images,
+            limit_per_class=request.limit_per_class,
+            experiment=experiment_root(request),
+        )
+        board = run_tune(request, space, splits, resume=args.resume)
     print_leaderboard(board, space)
     print(f"leaderboard: {experiment_dir(request)}/leaderboard.csv")
     return 0
@@ -367,6 +370,7 @@ def _ensemble(args: argparse.Namespace) -> int:
         prepare_ensemble_dir,
         run_ensemble,
     )
+    from ar_ray.feasibility import ensemble_demands, failing_fast
     from ar_ray.tune import load_tune_record
 
     for flag in ("members", "epochs", "workers_per_member", "max_concurrent", "max_actors"):
@@ -403,15 +407,17 @@ def _ensemble(args: argparse.Namespace) -> int:
     plan_members(request, record)  # a bad --members fails before any Ray work starts
     listing = list_data(record.data)  # the folder tune read, checked again before Ray starts
     prepare_ensemble_dir(root, resume=args.resume, overwrite=args.overwrite)
-    connect(args.address)
-    splits = load_splits(
-        listing,
-        record.base.image_size,
-        skip_bad_images=record.skip_bad_images,
-        limit_per_class=record.limit_per_class,
-        experiment=root,
-    )
-    summary = run_ensemble(request, record, splits, request.train_options(root))
+    embedded = connect(args.address)
+    options = request.train_options(root)
+    with failing_fast(ensemble_demands(options, request.inference_options()), embedded):
+        splits = load_splits(
+            listing,
+            record.base.image_size,
+            skip_bad_images=record.skip_bad_images,
+            limit_per_class=record.limit_per_class,
+            experiment=root,
+        )
+        summary = run_ensemble(request, record, splits, options)
     print_summary(summary)
     return 0
 
@@ -438,6 +444,7 @@ def print_summary(summary: EnsembleSummary) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
     from ar_ray.ensemble import inference_options, load_ensemble
+    from ar_ray.feasibility import actor_demand, failing_fast
     from ar_ray.predict import check_locations, run_predict
 
     _positive("--max-actors", args.max_actors)
@@ -446,8 +453,9 @@ def _predict(args: argparse.Namespace) -> int:
     actor = _resources(args, "inference actor", "actor", recorded.actor, "the ensemble's")
     options = replace(recorded, actor=actor, max_actors=args.max_actors or recorded.max_actors)
     locations = check_locations(args.images)
-    connect(args.address)
-    summary = run_predict(ensemble, locations, args.out, options)
+    embedded = connect(args.address)
+    with failing_fast([actor_demand(options)], embedded):
+        summary = run_predict(ensemble, locations, args.out, options)
     print(f"{summary.images} predictions written to {args.out}; actors used: {summary.pool}")
     if summary.errors:
         print(f"{summary.errors} images could not be decoded: see the 'error' column")
@@ -471,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as error:
+        _shutdown_ray()  # work it queued (a member's trainer thread) must not hold the exit
         if args.debug:
             traceback.print_exc()
         print(f"ar-ray: error: {error}", file=sys.stderr)

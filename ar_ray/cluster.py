@@ -4,29 +4,32 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 
 import ray
+import torch
 
 from ar_ray.errors import UserError
 from ar_ray.interrupts import treat_sigterm_as_interrupt
 from ar_ray.resources import loader_workers_for
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None) -> bool:
     """`--address`, else RAY_ADDRESS, else a local Ray whose dashboard only listens locally.
 
-    An already initialised Ray (a notebook, a test session) is used as it is.
+    An already initialised Ray (a notebook, a test session) is used as it is. True when
+    ar-ray started Ray itself (embedded): then no autoscaler can ever add a node.
     """
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        _init(address)
+        return _init(address)
     finally:
         treat_sigterm_as_interrupt()  # ray.init installs a SIGTERM handler that aborts
 
 
-def _init(address: str | None) -> None:
+def _init(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
@@ -35,8 +38,10 @@ def _init(address: str | None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise UserError(f"--address {address}: cannot join Ray ({first_line})") from None
-        return
-    ray.init(dashboard_host="127.0.0.1")
+        return False
+    # "local": a Ray of its own, never one a `ray start` left running on this machine
+    ray.init(address="local", dashboard_host="127.0.0.1")
+    return True
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -71,3 +76,29 @@ def placement_labels() -> dict[str, object]:
 def assigned_loader_workers() -> int:
     """Loader workers for the calling trial or worker: the CPUs Ray granted it, minus one."""
     return loader_workers_for(placement_labels()["cpus"])
+
+
+def choose_device(
+    cuda_available: bool, in_ray_worker: bool, gpu_ids: Sequence[object]
+) -> torch.device:
+    """CUDA only for a process that may use it: outside Ray whenever CUDA exists; inside a
+    Ray worker (trial, Train worker, inference actor) only when Ray assigned it GPUs.
+
+    Ray 2.60 no longer clears CUDA_VISIBLE_DEVICES for a process holding 0 GPUs, so such a
+    process still sees every GPU of its node: trusting CUDA there would put a CPU trial or
+    actor on cuda:0, a GPU Ray reserved for someone else.
+    """
+    may_use_gpu = not in_ray_worker or bool(gpu_ids)
+    return torch.device("cuda" if cuda_available and may_use_gpu else "cpu")
+
+
+def ray_gpu_view() -> tuple[bool, list[str]]:
+    """(is this process a Ray worker?, the GPU ids Ray assigned it): `choose_device`'s Ray
+    inputs, read in the calling process."""
+    in_worker = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    return in_worker, [str(gpu) for gpu in ray.get_gpu_ids()] if in_worker else []
+
+
+def assigned_device() -> torch.device:
+    """The device the calling trial, member worker or inference actor computes on."""
+    return choose_device(torch.cuda.is_available(), *ray_gpu_view())

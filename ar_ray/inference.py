@@ -25,12 +25,11 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from ar_ray import storage
-from ar_ray.cluster import placement_labels
+from ar_ray.cluster import assigned_device, placement_labels
 from ar_ray.ensemble_weights import FittedWeights, combine
 from ar_ray.progress import InferenceProgress
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
-from ar_ray.recipe.engine import default_device
 from ar_ray.recipe.models import place_model
 from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources
 
@@ -100,7 +99,7 @@ class EnsemblePredictor:
         weights: FittedWeights | None = None,
         top_k: int = 5,
     ) -> None:
-        self.device = default_device()
+        self.device = assigned_device()
         self.models = []
         sizes = set()
         with tempfile.TemporaryDirectory() as folder:

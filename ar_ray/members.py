@@ -25,7 +25,7 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ar_ray import storage
-from ar_ray.cluster import assigned_loader_workers, placement_labels
+from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_labels
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
@@ -172,8 +172,10 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def worker_device() -> torch.device:
-    """Train's device where CUDA exists; the CPU where the GPU held is only a logical one."""
-    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    """Train's device (the GPU of this worker's local rank) where the worker holds a usable
+    GPU; the CPU where it holds none, or only a logical one."""
+    usable = assigned_device().type == "cuda"
+    return ray.train.torch.get_device() if usable else torch.device("cpu")
 
 
 def ddp_backend(worker: Resources) -> str:
@@ -182,12 +184,8 @@ def ddp_backend(worker: Resources) -> str:
     node of that type on an autoscaling cluster, which the members then use."""
     if worker.gpus == 0:
         return "gloo"
-    probe = ray.remote(_has_cuda).options(**worker.ray_options())
-    return "nccl" if ray.get(probe.remote()) else "gloo"
-
-
-def _has_cuda() -> bool:
-    return torch.cuda.is_available()
+    probe = ray.remote(assigned_device).options(**worker.ray_options())
+    return "nccl" if ray.get(probe.remote()).type == "cuda" else "gloo"
 
 
 @dataclass(frozen=True)

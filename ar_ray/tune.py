@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from ar_ray import staged, storage
-from ar_ray.cluster import assigned_loader_workers, placement_labels
+from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_labels
 from ar_ray.config import RunConfig, hyperparameter_types
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import Interrupted, UserError
@@ -134,6 +134,7 @@ def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, 
         splits,
         on_epoch=on_epoch,
         resume_from=state,
+        device=assigned_device(),
         epoch_labels=placement_labels(),
         loader_workers=assigned_loader_workers(),
     )

@@ -24,9 +24,11 @@ def small_splits(builtin_splits):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray with 2 CPUs, shared by every test that needs one."""
+    """A real local Ray with 2 CPUs, shared by every test that needs one. It advertises one
+    logical GPU (no CUDA behind it), so tests can hold a GPU as Ray assigns it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a running one
+    # address="local": never join a running one
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
     yield ray
     ray.shutdown()

@@ -53,6 +53,8 @@ class FitResult:
 
 
 def default_device() -> torch.device:
+    """CUDA wherever this process sees it: right outside Ray (`ar-ray train`). A process on
+    Ray may see GPUs it does not hold, so Ray-side callers pass the device Ray assigned."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -122,7 +124,13 @@ def teacher_views(views: Tensor, student_count: int) -> Tensor:
 
 
 def _train_loader(
-    config: RunConfig, split: ImageSplit, rank: int, world: int, workers: int, on_device: bool
+    config: RunConfig,
+    split: ImageSplit,
+    rank: int,
+    world: int,
+    workers: int,
+    on_device: bool,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, BatchAugment | None]:
     """The epoch-keyed loader (call `sampler.set_epoch` each epoch) and, when augmentation
     runs batched on the device, the augmenter its stored images go through there."""
@@ -141,7 +149,7 @@ def _train_loader(
         persistent_workers=workers > 0,  # worker start-up is paid once per fit, not per epoch
         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         generator=torch.Generator(),  # its base-seed draw must not touch the global RNG
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,  # a CUDA fit's only: pinning opens a context on a GPU
     )
     return loader, BatchAugment(config, views) if on_device else None
 
@@ -214,7 +222,13 @@ class _Run:
         )
         self.optimizer = _optimizer(config, self.model)
         self.loader, self.batch_augment = _train_loader(
-            config, splits.train, self.rank, self.world, loader_workers, batch_augment
+            config,
+            splits.train,
+            self.rank,
+            self.world,
+            loader_workers,
+            batch_augment,
+            pin_memory=device.type == "cuda",
         )
         self.steps_per_epoch = len(self.loader)
         warmup = round(config.warmup_epochs * self.steps_per_epoch)
