@@ -298,6 +298,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
+    from ar_ray.leaderboard import print_leaderboard
     from ar_ray.search_space import load_search_space
     from ar_ray.tune import (
         TuneRequest,
@@ -305,7 +306,6 @@ def _tune(args: argparse.Namespace) -> int:
         experiment_dir,
         experiment_root,
         prepare_experiment_dir,
-        print_leaderboard,
         request_path,
         resolve_first_rung,
         run_tune,
@@ -367,7 +367,7 @@ def _ensemble(args: argparse.Namespace) -> int:
         prepare_ensemble_dir,
         run_ensemble,
     )
-    from ar_ray.tune import load_tune_record
+    from ar_ray.leaderboard import load_tune_record
 
     for flag in ("members", "epochs", "workers_per_member", "max_concurrent", "max_actors"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
@@ -437,12 +437,13 @@ def print_summary(summary: EnsembleSummary) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
-    from ar_ray.ensemble import inference_options, load_ensemble
+    from ar_ray.inference import InferenceOptions
     from ar_ray.predict import check_locations, run_predict
+    from ar_ray.saved_ensemble import SavedEnsemble
 
     _positive("--max-actors", args.max_actors)
-    ensemble = load_ensemble(args.ensemble)
-    recorded = inference_options(ensemble[2].get("request", {}))
+    ensemble = SavedEnsemble.load(args.ensemble)
+    recorded = InferenceOptions.from_record(ensemble.request)
     actor = _resources(args, "inference actor", "actor", recorded.actor, "the ensemble's")
     options = replace(recorded, actor=actor, max_actors=args.max_actors or recorded.max_actors)
     locations = check_locations(args.images)
