@@ -359,15 +359,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _ensemble(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
-    from ar_ray.ensemble import (
-        ENSEMBLE_DIR,
-        ENSEMBLE_FILE,
-        EnsembleRequest,
-        plan_members,
-        prepare_ensemble_dir,
-        run_ensemble,
-    )
+    from ar_ray.ensemble import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
     from ar_ray.leaderboard import load_tune_record
+    from ar_ray.saved_ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE
 
     for flag in ("members", "epochs", "workers_per_member", "max_concurrent", "max_actors"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))

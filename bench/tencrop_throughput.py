@@ -51,7 +51,7 @@ def local_seconds(checkpoint: str, count: int) -> dict[str, float]:
     """Seconds for centre crop and for TenCrop over `count` test images, in this process."""
     import torch
 
-    from ar_ray.inference import BATCH
+    from ar_ray.inference import IMAGES_PER_CALL
     from ar_ray.recipe.augment import predict_probabilities
     from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 
@@ -59,11 +59,12 @@ def local_seconds(checkpoint: str, count: int) -> dict[str, float]:
     model = inference_model(state)
     size = int(state["config"]["image_size"])
     images = torch.from_numpy(bench_splits(None).test.rows(0, count).images)
+    batch = IMAGES_PER_CALL["cpu"]  # what a CPU inference actor answers per call
     seconds = {}
     for tta in ("center", "tencrop"):
-        predict_probabilities(model, images[:BATCH], size, tta)  # warm-up: first allocations
+        predict_probabilities(model, images[:batch], size, tta)  # warm-up: first allocations
         started = time.perf_counter()
-        for chunk in images.split(BATCH):
+        for chunk in images.split(batch):
             predict_probabilities(model, chunk, size, tta)
         seconds[tta] = time.perf_counter() - started
     return seconds
