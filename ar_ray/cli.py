@@ -299,6 +299,7 @@ def _train(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
     from ar_ray.feasibility import Demand, failing_fast
+    from ar_ray.leaderboard import print_leaderboard
     from ar_ray.search_space import load_search_space
     from ar_ray.tune import (
         TuneRequest,
@@ -306,7 +307,6 @@ def _tune(args: argparse.Namespace) -> int:
         experiment_dir,
         experiment_root,
         prepare_experiment_dir,
-        print_leaderboard,
         request_path,
         resolve_first_rung,
         run_tune,
@@ -362,16 +362,10 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _ensemble(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
-    from ar_ray.ensemble import (
-        ENSEMBLE_DIR,
-        ENSEMBLE_FILE,
-        EnsembleRequest,
-        plan_members,
-        prepare_ensemble_dir,
-        run_ensemble,
-    )
+    from ar_ray.ensemble import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
     from ar_ray.feasibility import ensemble_demands, failing_fast
-    from ar_ray.tune import load_tune_record
+    from ar_ray.leaderboard import load_tune_record
+    from ar_ray.saved_ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE
 
     for flag in ("members", "epochs", "workers_per_member", "max_concurrent", "max_actors"):
         _positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
@@ -443,13 +437,14 @@ def print_summary(summary: EnsembleSummary) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from ar_ray.cluster import connect
-    from ar_ray.ensemble import inference_options, load_ensemble
     from ar_ray.feasibility import actor_demand, failing_fast
+    from ar_ray.inference import InferenceOptions
     from ar_ray.predict import check_locations, run_predict
+    from ar_ray.saved_ensemble import SavedEnsemble
 
     _positive("--max-actors", args.max_actors)
-    ensemble = load_ensemble(args.ensemble)
-    recorded = inference_options(ensemble[2].get("request", {}))
+    ensemble = SavedEnsemble.load(args.ensemble)
+    recorded = InferenceOptions.from_record(ensemble.request)
     actor = _resources(args, "inference actor", "actor", recorded.actor, "the ensemble's")
     options = replace(recorded, actor=actor, max_actors=args.max_actors or recorded.max_actors)
     locations = check_locations(args.images)

@@ -1,4 +1,4 @@
-"""`ar-ray ensemble` and `ar-ray predict`: members -> probabilities -> fitted weights -> outputs.
+"""`ar-ray ensemble`: members -> probabilities -> fitted weights -> outputs.
 
 Weights are fitted on validation probabilities only; test numbers are reported for every
 method, so the choice can be checked but never tuned on test. Validation scores of ensembles
@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ar_ray import storage
-from ar_ray.data import CLASS_SEPARATOR, DatasetSplits
-from ar_ray.ensemble_weights import CrossFit, FittedWeights, combine, cross_fit, stratified_folds
+from ar_ray.data import DatasetSplits
+from ar_ray.ensemble_weights import CrossFit, combine, cross_fit, stratified_folds
 from ar_ray.errors import UserError
 from ar_ray.inference import InferenceOptions, PoolTally, member_probabilities
+from ar_ray.leaderboard import TuneRecord
 from ar_ray.members import (
     MemberSpec,
     TrainOptions,
@@ -31,15 +31,12 @@ from ar_ray.members import (
     train_members,
 )
 from ar_ray.metrics import classification_metrics, reliability_table
-from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
-from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ar_ray.outputs import atomic_write_csv, environment_info
+from ar_ray.predictions import predictions_frame
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
 from ar_ray.report import write_report
 from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources
-from ar_ray.tune import TuneRecord
-
-ENSEMBLE_DIR = "ensemble"
-ENSEMBLE_FILE = "ensemble.yaml"
-TOP_K = 5
+from ar_ray.saved_ensemble import ENSEMBLE_DIR, SavedEnsemble
 
 
 @dataclass
@@ -72,13 +69,7 @@ class EnsembleRequest:
         )
 
     def inference_options(self) -> InferenceOptions:
-        return inference_options(asdict(self))
-
-
-def inference_options(request: dict[str, Any]) -> InferenceOptions:
-    """The pool an ensemble (or, from its record, `predict`) runs inference on."""
-    actor = Resources.from_record(request, "cpus_per_actor", "gpus_per_actor")
-    return InferenceOptions(actor=actor, max_actors=request.get("max_actors", DEFAULT_MAX_ACTORS))
+        return InferenceOptions.from_record(asdict(self))
 
 
 @dataclass
@@ -136,40 +127,6 @@ def val_folds(request: EnsembleRequest, val_labels: np.ndarray) -> np.ndarray:
         return stratified_folds(val_labels, request.folds, request.seed)
     except ValueError as error:
         raise UserError(f"val: {error}") from None
-
-
-def predictions_frame(
-    probs: np.ndarray, ids: list[str], classes: list[str], labels: np.ndarray | None = None
-) -> pd.DataFrame:
-    """One row per image: predicted class, top-5 classes, confidence, the label where known."""
-    order = np.argsort(-probs, axis=1)[:, :TOP_K]
-    frame = top_k_frame(ids, order, np.take_along_axis(probs, order, axis=1), classes)
-    if labels is not None:
-        frame["label"] = [classes[i] for i in labels.tolist()]
-    return frame
-
-
-def top_k_frame(
-    ids: list[str], top_classes: np.ndarray, top_probs: np.ndarray, classes: list[str]
-) -> pd.DataFrame:
-    """Rows from top-k class indices [N, k] and their probabilities; index -1 (an image that
-    was not predicted) gives empty fields."""
-
-    def names(row: np.ndarray) -> list[str]:
-        return [classes[i] for i in row if i >= 0]
-
-    return pd.DataFrame(
-        {
-            "image_id": ids,
-            "predicted": [(names(row) or [""])[0] for row in top_classes],
-            "top5": [CLASS_SEPARATOR.join(names(row)) for row in top_classes],
-            "confidence": top_probs[:, 0],
-            "top5_probs": [
-                " ".join(f"{p:.4f}" for p, i in zip(row, idx, strict=True) if i >= 0)
-                for row, idx in zip(top_probs, top_classes, strict=True)
-            ],
-        }
-    )
 
 
 def _stage(run: str) -> tuple[Path, bool]:
@@ -312,22 +269,21 @@ def run_ensemble(
         reliability=reliability,
         title=f"ar-ray ensemble of {len(specs)} members ({chosen} weights, {request.tta})",
     )
-    ensemble = {
-        "members": names,
-        "checkpoints": [storage.join("members", n, CHECKPOINT_FILE) for n in names],
-        "method": chosen,
-        "weights": fitted[chosen].weights.tolist(),
-        "temperature": fitted[chosen].temperature,
-        "fold_methods": list(fit.fold_choices),  # what "final" used in each val fold
-        "tta": request.tta,
-        "classes": list(splits.classes),
-        "image_size": record.base.image_size,
-        "stored_size": splits.stored_size,  # `predict` decodes new images to this square
-        "images_per_call": pool.images_per_call,  # each inference actor's batch
-        "request": asdict(request),
-        "env": environment_info(),
-    }
-    atomic_write_text(stage / ENSEMBLE_FILE, yaml.safe_dump(ensemble, sort_keys=False))
+    SavedEnsemble(
+        members=names,
+        checkpoints=[storage.join("members", n, CHECKPOINT_FILE) for n in names],
+        method=chosen,
+        weights=fitted[chosen].weights.tolist(),
+        temperature=fitted[chosen].temperature,
+        tta=request.tta,
+        classes=list(splits.classes),
+        image_size=record.base.image_size,
+        stored_size=splits.stored_size,
+        images_per_call=pool.images_per_call,
+        fold_methods=list(fit.fold_choices),
+        request=asdict(request),
+        env=environment_info(),
+    ).save(stage)
     if remote:
         _publish(stage, run)
     return EnsembleSummary(metrics=metrics, chosen=chosen, folder=storage.join(run, ENSEMBLE_DIR))
@@ -362,26 +318,3 @@ def _timestamp(history: pd.DataFrame, column: str, how: str) -> str:
         return ""
     seconds = getattr(history[column], how)()
     return pd.Timestamp(seconds, unit="s", tz="UTC").isoformat()
-
-
-LoadedEnsemble = tuple[list[str], FittedWeights, dict[str, Any]]
-
-
-def load_ensemble(run: str) -> LoadedEnsemble:
-    """The saved ensemble: checkpoint locations, final weights and the rest of its record."""
-    run = storage.resolve(run)
-    location = storage.join(run, ENSEMBLE_DIR, ENSEMBLE_FILE)
-    if not storage.exists(location):
-        raise UserError(f"{location}: no saved ensemble; run `ar-ray ensemble` first")
-    try:
-        record = yaml.safe_load(storage.read_text(location))
-        checkpoints = [storage.join(run, path) for path in record["checkpoints"]]
-        weights = FittedWeights(
-            record["method"], np.array(record["weights"]), record["temperature"]
-        )
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{location}: corrupted ensemble record ({type(error).__name__})") from None
-    for checkpoint in checkpoints:  # fail here with the file's name, not inside an actor
-        if not storage.is_uri(checkpoint):
-            load_checkpoint(Path(checkpoint))
-    return checkpoints, weights, record

@@ -49,6 +49,12 @@ class InferenceOptions:
     max_actors: int = DEFAULT_MAX_ACTORS
     batch_size: int | None = None  # None: IMAGES_PER_CALL for the actor's device
 
+    @classmethod
+    def from_record(cls, request: dict[str, Any]) -> InferenceOptions:
+        """The pool a recorded `ensemble` request ran on; `predict` inherits it."""
+        actor = Resources.from_record(request, "cpus_per_actor", "gpus_per_actor")
+        return cls(actor=actor, max_actors=request.get("max_actors", DEFAULT_MAX_ACTORS))
+
     @property
     def images_per_call(self) -> int:
         """The stated batch, or the constant for the device the actor will hold."""

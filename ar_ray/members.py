@@ -29,11 +29,11 @@ from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_l
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
+from ar_ray.leaderboard import config_for_row, finished_trials, searched_columns
 from ar_ray.progress import MemberProgress, ProgressHandle, quiet_train_reports
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ar_ray.recipe.engine import fit
 from ar_ray.resources import Resources
-from ar_ray.tune import config_for_row, finished_trials, searched_columns
 
 MEMBERS_DIR = "members"
 MIN_DISTANCE = 0.15

@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,10 +23,11 @@ import ray.data
 from ar_ray import storage
 from ar_ray.data import IMAGE_EXTENSIONS, DataError
 from ar_ray.data.image import decode_image_bytes
-from ar_ray.ensemble import TOP_K, LoadedEnsemble, top_k_frame
 from ar_ray.errors import UserError
 from ar_ray.inference import InferenceOptions, PoolTally, ensemble_top_k
 from ar_ray.outputs import atomic_write_csv
+from ar_ray.predictions import TOP_K, top_k_frame
+from ar_ray.saved_ensemble import SavedEnsemble
 
 
 def check_locations(locations: list[str]) -> list[str]:
@@ -63,15 +63,6 @@ def image_dataset(locations: list[str], size: int) -> ray.data.Dataset:
         file_extensions=[extension.lstrip(".") for extension in sorted(IMAGE_EXTENSIONS)],
     )
     return files.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64)
-
-
-def recorded_stored_size(record: dict[str, Any]) -> int:
-    """The side the ensemble's own images were stored at, so new images are decoded alike.
-
-    Ensembles saved before `stored_size` was recorded stored their images at `image_size`
-    (evaluation then resized them up), so that is what reproduces their probabilities.
-    """
-    return int(record.get("stored_size", record["image_size"]))
 
 
 @dataclass
@@ -125,12 +116,16 @@ class PredictionWriter:
 
 
 def _frames(
-    ensemble: LoadedEnsemble, locations: list[str], options: InferenceOptions, tally: PoolTally
+    ensemble: SavedEnsemble, locations: list[str], options: InferenceOptions, tally: PoolTally
 ) -> Iterator[pd.DataFrame]:
-    checkpoints, weights, record = ensemble
-    images = image_dataset(locations, recorded_stored_size(record))
+    images = image_dataset(locations, ensemble.stored_size)
     batches = ensemble_top_k(
-        images, checkpoints, weights, tta=record["tta"], options=options, top_k=TOP_K
+        images,
+        ensemble.locations(),
+        ensemble.fitted_weights,
+        tta=ensemble.tta,
+        options=options,
+        top_k=TOP_K,
     )
     for batch in batches:
         tally.add(batch)
@@ -138,14 +133,14 @@ def _frames(
             [str(path) for path in batch["path"]],
             batch["classes"],
             batch["probs"],
-            record["classes"],
+            ensemble.classes,
         )
         frame["error"] = batch["error"]
         yield frame
 
 
 def run_predict(
-    ensemble: LoadedEnsemble, locations: list[str], out: Path, options: InferenceOptions
+    ensemble: SavedEnsemble, locations: list[str], out: Path, options: InferenceOptions
 ) -> PredictSummary:
     """Label every image under `locations`, streaming rows to `out` as batches finish."""
     writer = PredictionWriter(out)

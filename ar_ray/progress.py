@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import ray
-import ray.train.v2._internal.execution.context as train_context
 from ray.exceptions import RayError
 from ray.util.queue import Empty, Queue
 
@@ -64,6 +63,9 @@ def quiet_train_reports() -> None:
     expression, silences exactly this line; Train's other messages (worker group start, retry
     notices, warnings) and the loop's own output are left alone.
     """
+    # Imported here: `predict` uses this module's inference line without Ray Train.
+    import ray.train.v2._internal.execution.context as train_context
+
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 

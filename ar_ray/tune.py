@@ -8,9 +8,6 @@ every trial on a node reads that one copy.
 from __future__ import annotations
 
 import fnmatch
-import io
-import math
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,9 +23,16 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ar_ray import staged, storage
 from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_labels
-from ar_ray.config import RunConfig, hyperparameter_types
+from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import Interrupted, UserError
+from ar_ray.leaderboard import (
+    BEST_CONFIGS,
+    LEADERBOARD,
+    TUNE_DIR,
+    best_configs_yaml,
+    leaderboard,
+)
 from ar_ray.outputs import environment_info
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ar_ray.recipe.engine import fit
@@ -36,10 +40,6 @@ from ar_ray.resources import Resources
 from ar_ray.search_space import SearchSpace
 
 METRIC, MODE = "val_top1", "max"
-TUNE_DIR = "tune"
-LEADERBOARD = "leaderboard.csv"
-BEST_CONFIGS = "best_configs.yaml"
-MAX_BEST_CONFIGS = 20
 
 
 @dataclass
@@ -266,123 +266,3 @@ def resolve_first_rung(request: TuneRequest, space: SearchSpace) -> TuneRequest:
     if rung.raised_for:
         print(staged.describe(rung, request.grace_period), flush=True)
     return replace(request, first_rung=rung.epoch)
-
-
-def _status(result: Any, epochs_run: int, full_epochs: int) -> str:
-    if result.error is not None:
-        return "ERROR"
-    return "COMPLETE" if epochs_run >= full_epochs else "STOPPED_EARLY"
-
-
-def leaderboard(
-    grid: tune.ResultGrid,
-    space: SearchSpace,
-    full_epochs: int,
-    first_rung: int | None = None,
-    optuna_states: dict[str, str] | None = None,
-) -> pd.DataFrame:
-    """One row per trial, best validation top-1 first; `first_rung` is the earliest epoch
-    ASHA could stop it at, `optuna_state` what the Optuna study recorded for it."""
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        epochs_run = int(metrics.get("epoch", 0))
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        row = {
-            "trial_id": trial_id,
-            "status": _status(result, epochs_run, full_epochs),
-            "optuna_state": (optuna_states or {}).get(trial_id, ""),
-            "epochs_run": epochs_run,
-            "first_rung": first_rung,
-            "val_top1": metrics.get("val_top1", math.nan),
-            "val_nll": metrics.get("val_nll", math.nan),
-        }
-        config = result.config or {}  # None for a trial that never started
-        row.update({key: config.get(key) for key in space.searched})
-        row["wall_seconds"] = metrics.get("time_total_s", math.nan)
-        for label in ("node", "cpus", "gpus"):  # where the trial ran and what it held
-            row[label] = metrics.get(label, "")
-        rows.append(row)
-    board = pd.DataFrame(rows).sort_values("val_top1", ascending=False, na_position="last")
-    board.insert(0, "rank", range(1, len(board) + 1))
-    return board.reset_index(drop=True)
-
-
-def finished_trials(board: pd.DataFrame) -> pd.DataFrame:
-    """Trials with a score, best first: the ones worth re-running as members."""
-    ranked = board[board["status"] != "ERROR"].dropna(subset=["val_top1"])
-    return ranked.reset_index(drop=True)
-
-
-def searched_columns(board: pd.DataFrame) -> list[str]:
-    return [column for column in board.columns if column in hyperparameter_types()]
-
-
-def config_for_row(base: RunConfig, row: dict[str, Any], searched: list[str]) -> RunConfig:
-    """A leaderboard row back to the complete run config its trial ran."""
-    return base.replace(**{key: _plain(row[key]) for key in searched})
-
-
-def best_configs_yaml(board: pd.DataFrame, space: SearchSpace, base: RunConfig) -> str:
-    """The ranked trials as complete run configs; `ar-ray train --config` takes any of them."""
-    chunks = []
-    for row in finished_trials(board).head(MAX_BEST_CONFIGS).to_dict("records"):
-        config = config_for_row(base, row, list(space.searched))
-        header = (
-            f"# rank {row['rank']}: trial {row['trial_id']}, {row['status']} after "
-            f"{row['epochs_run']} epochs, val top-1 {row['val_top1']:.4f}\n"
-        )
-        chunks.append(header + yaml.safe_dump([config.to_dict()], sort_keys=False))
-    return "".join(chunks)
-
-
-@dataclass
-class TuneRecord:
-    """What `ar-ray ensemble` needs from a finished tune run."""
-
-    request: dict[str, Any]
-    base: RunConfig
-    board: pd.DataFrame
-
-    @property
-    def data(self) -> str | None:
-        """Where the trials' images came from, absolute (`ensemble` may run from another
-        folder); runs recorded before `data_resolved` existed only have the form given."""
-        return self.request.get("data_resolved") or self.request.get("data")
-
-    @property
-    def skip_bad_images(self) -> bool:
-        return bool(self.request.get("skip_bad_images", False))
-
-    @property
-    def limit_per_class(self) -> int | None:
-        return self.request.get("limit_per_class")
-
-    @property
-    def trial_resources(self) -> Resources:
-        """What each trial held: `ensemble` inherits it for its members' workers."""
-        return Resources.from_record(self.request, "cpus_per_trial", "gpus_per_trial")
-
-
-def load_tune_record(run: str) -> TuneRecord:
-    """Read `<run>/tune/` back; a missing or unfinished experiment is a one-line error."""
-    folder = storage.join(storage.resolve(run), TUNE_DIR)
-    if not storage.exists(storage.join(folder, LEADERBOARD)):
-        raise UserError(f"{folder}: no {LEADERBOARD}; run `ar-ray tune` first (or --resume it)")
-    record = yaml.safe_load(storage.read_text(storage.join(folder, "request.yaml")))
-    board = pd.read_csv(io.StringIO(storage.read_text(storage.join(folder, LEADERBOARD))))
-    base = RunConfig.from_dict(record["base_config"], source=f"{folder}/request.yaml")
-    return TuneRecord(request=record["request"], base=base, board=board)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars from pandas back to Python ones for YAML and the config types."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def print_leaderboard(board: pd.DataFrame, space: SearchSpace, rows: int = 10) -> None:
-    columns = ["rank", "trial_id", "status", "epochs_run", "val_top1", "val_nll"]
-    columns += list(space.searched)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(board[columns].head(rows).to_string(index=False, float_format="%.4g"))
-    sys.stdout.flush()

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from common import (
     bench_splits,
     machine_line,
@@ -49,11 +48,12 @@ from common import (
 
 from ar_ray.config import RunConfig
 from ar_ray.data.size import stored_size
-from ar_ray.ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE, EnsembleRequest
+from ar_ray.ensemble import EnsembleRequest
 from ar_ray.members import member_dir
-from ar_ray.outputs import atomic_write_text, environment_info
+from ar_ray.outputs import environment_info
 from ar_ray.predict import pool_file
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
+from ar_ray.saved_ensemble import ENSEMBLE_DIR, SavedEnsemble
 
 IMAGE_CACHE = Path(tempfile.gettempdir()) / "ar-ray-bench-predict-images"
 SHARD = 500  # images per cached folder; every size is a multiple of it
@@ -85,26 +85,24 @@ def image_shards(count: int) -> list[str]:
 
 
 def build_ensemble(run: Path) -> None:
-    """A saved one-member ensemble in the layout `load_ensemble` reads, without Tune or Train:
+    """A saved one-member ensemble as `SavedEnsemble` records it, without Tune or Train:
     the benchmark needs real weights of the default model, not a tuned or accurate one."""
     member = "bench"
     make_checkpoint(Path(member_dir(str(run), member)) / CHECKPOINT_FILE)
     request = EnsembleRequest(run=str(run), members=1, epochs=1, tta=TTA)
-    record = {
-        "members": [member],
-        "checkpoints": [f"members/{member}/{CHECKPOINT_FILE}"],
-        "method": "uniform",
-        "weights": [1.0],
-        "temperature": 1.0,
-        "tta": TTA,
-        "classes": list(bench_splits(5).classes),
-        "image_size": RunConfig().image_size,  # make_checkpoint's
-        "stored_size": stored_size(RunConfig().image_size),  # as `ensemble` records it
-        "request": asdict(request),
-        "env": environment_info(),
-    }
-    text = yaml.safe_dump(record, sort_keys=False)
-    atomic_write_text(run / ENSEMBLE_DIR / ENSEMBLE_FILE, text)
+    SavedEnsemble(
+        members=[member],
+        checkpoints=[f"members/{member}/{CHECKPOINT_FILE}"],
+        method="uniform",
+        weights=[1.0],
+        temperature=1.0,
+        tta=TTA,
+        classes=list(bench_splits(5).classes),
+        image_size=RunConfig().image_size,  # make_checkpoint's
+        stored_size=stored_size(RunConfig().image_size),  # as `ensemble` records it
+        request=asdict(request),
+        env=environment_info(),
+    ).save(run / ENSEMBLE_DIR)
 
 
 def cli_driver(argv: list[str]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
+from ar_ray.leaderboard import leaderboard
 from ar_ray.search_space import SearchSpace, load_search_space, parse_search_space
 from ar_ray.tune import (
     METRIC,
@@ -46,7 +47,6 @@ from ar_ray.tune import (
     TuneRequest,
     base_config,
     experiment_dir,
-    leaderboard,
     run_tune,
     trial_trainable,
 )

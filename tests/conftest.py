@@ -32,3 +32,11 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Any test that takes the session's Ray is a `ray` test, marked or not: `make
+    test-fast` (`-m "not ray and not cluster and not slow"`) must never start one."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

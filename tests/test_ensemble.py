@@ -1,6 +1,9 @@
 """tune -> ensemble -> predict on a real local Ray, and a member that survives a failure."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +22,19 @@ from ar_ray.ensemble import (
     EnsembleRequest,
     EnsembleSummary,
     estimate,
-    load_ensemble,
     run_ensemble,
 )
 from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.inference import InferenceOptions, ensemble_top_k, member_probabilities
+from ar_ray.leaderboard import load_tune_record
 from ar_ray.members import MemberSpec, TrainOptions, member_train_loop, train_member
 from ar_ray.metrics import classification_metrics
-from ar_ray.predict import recorded_stored_size, run_predict
+from ar_ray.predict import run_predict
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
+from ar_ray.saved_ensemble import SavedEnsemble
 from ar_ray.search_space import load_search_space
-from ar_ray.tune import TuneRequest, load_tune_record, run_tune
+from ar_ray.tune import TuneRequest, run_tune
 
 QUICK = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
 OUTPUTS = [
@@ -148,7 +152,7 @@ def test_headline_compares_with_the_member_best_on_val_not_on_test(capsys):
 
 def test_actor_tencrop_equals_local_tencrop(ensemble_run, small_splits):
     run, _ = ensemble_run
-    checkpoints, _, _ = load_ensemble(str(run))
+    checkpoints = SavedEnsemble.load(str(run)).locations()
     images = small_splits.val.images[:37]  # not a multiple of the batch size
     pool = InferenceOptions(max_actors=2, batch_size=16)
     (remote,) = member_probabilities(checkpoints, [images], tta="tencrop", options=pool)
@@ -190,7 +194,8 @@ def test_predict_gives_the_probabilities_the_ensemble_saved(ensemble_run, small_
     """The same weights, temperature and TenCrop through both paths: predict's top-5 classes
     and probabilities equal the saved val probabilities combined with the saved weights."""
     run, _ = ensemble_run
-    checkpoints, weights, record = load_ensemble(str(run))
+    saved = SavedEnsemble.load(str(run))
+    checkpoints, weights = saved.locations(), saved.fitted_weights
     images = small_splits.val.images[:8]
     member = np.load(run / "ensemble" / "probs_val.npz")["member_probs"][:, :8]
     expected = combine(member, weights)
@@ -201,7 +206,7 @@ def test_predict_gives_the_probabilities_the_ensemble_saved(ensemble_run, small_
             ray.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(8)]),
             checkpoints,
             weights,
-            tta=record["tta"],
+            tta=saved.tta,
             options=InferenceOptions(),
             top_k=5,
         )
@@ -218,11 +223,12 @@ def test_predict_decodes_files_to_the_stored_size_the_ensemble_recorded(
     come back pixel for pixel, so predict gives the probabilities ensemble saved for them
     (decoding to the 28 px image size would resize them and change every probability)."""
     run, _ = ensemble_run
-    ensemble = load_ensemble(str(run))
-    _, weights, record = ensemble
-    assert record["stored_size"] == small_splits.stored_size == stored_size(28) == 32
+    ensemble = SavedEnsemble.load(str(run))
+    assert ensemble.stored_size == small_splits.stored_size == stored_size(28) == 32
+    record = yaml.safe_load((run / "ensemble" / "ensemble.yaml").read_text())
     legacy = {key: value for key, value in record.items() if key != "stored_size"}
-    assert recorded_stored_size(legacy) == 28  # older ensembles stored images at image_size
+    older = SavedEnsemble.from_record(legacy)  # older ensembles stored images at image_size
+    assert older.stored_size == 28 and older.classes == ensemble.classes
     images = small_splits.val.images[:5]
     for row, image in enumerate(images):
         Image.fromarray(image.transpose(1, 2, 0)).save(tmp_path / f"{row}.png")
@@ -230,8 +236,8 @@ def test_predict_decodes_files_to_the_stored_size_the_ensemble_recorded(
     run_predict(ensemble, [str(tmp_path)], out, InferenceOptions())
     frame = pd.read_csv(out).sort_values("image_id")
     saved = np.load(run / "ensemble" / "probs_val.npz")["member_probs"]
-    expected = combine(saved, weights)[:5]
-    assert frame["predicted"].tolist() == [record["classes"][i] for i in expected.argmax(axis=1)]
+    expected = combine(saved, ensemble.fitted_weights)[:5]
+    assert frame["predicted"].tolist() == [ensemble.classes[i] for i in expected.argmax(axis=1)]
     assert np.allclose(frame["confidence"], expected.max(axis=1), atol=1e-5)
 
 
@@ -288,5 +294,36 @@ def test_tune_and_ensemble_through_a_storage_uri(ray_cluster, small_splits, tmp_
     assert summary.folder == f"{run}/ensemble"
     for name in ("metrics.csv", "ensemble.yaml", "report.md", "predictions.csv"):
         assert (tmp_path / "u" / "ensemble" / name).stat().st_size > 0
-    checkpoints, weights, _ = load_ensemble(run)
+    saved = SavedEnsemble.load(run)
+    checkpoints, weights = saved.locations(), saved.fitted_weights
     assert all(c.startswith("file://") for c in checkpoints) and len(weights.weights) == 2
+
+
+PROBE = """
+import json, sys
+from ar_ray.cli import main
+code = main(sys.argv[1:])
+heavy = ("ray.tune", "ray.train", "optuna")
+loaded = sorted(m for m in sys.modules if m in heavy or m.startswith(tuple(h + "." for h in heavy)))
+print("LOADED " + json.dumps(loaded))
+sys.exit(code)
+"""
+
+
+def test_predict_imports_neither_the_search_nor_the_training_stack(ensemble_run, tmp_path):
+    """`ar-ray predict` needs the saved record, inference and data: a real predict, in a
+    fresh process, labels images without importing Ray Tune, Ray Train or Optuna."""
+    run, _ = ensemble_run
+    write_image(tmp_path / "images" / "a.png", size=(32, 32))
+    out = tmp_path / "labels.csv"
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, "predict", "--ensemble", str(run), "--out", str(out)]
+        + [str(tmp_path / "images")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(pd.read_csv(out)) == 1
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("LOADED ")]
+    assert json.loads(line.removeprefix("LOADED ")) == []
