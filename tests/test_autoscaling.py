@@ -17,6 +17,8 @@ import yaml
 from fake_autoscaler import FakeAutoscalingCluster
 from helpers import run_cli, write_image
 
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+
 IMAGES = 600  # ten batches: enough work for the pool to grow
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 GPU_NODE = {

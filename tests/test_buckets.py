@@ -25,6 +25,8 @@ from ar_ray.ensemble_weights import FittedWeights, combine
 from ar_ray.errors import UserError
 from ar_ray.recipe.checkpoint import load_checkpoint
 
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 RUN = "runs/b"  # the key of the run the CLI stores in the bucket
 

@@ -10,6 +10,8 @@ from helpers import assert_user_error, make_image_folder, run_cli, write_image
 
 from ar_ray.recipe.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow
+
 
 def test_train_writes_outputs_and_its_config_trains_again(tmp_path):
     out = tmp_path / "run"

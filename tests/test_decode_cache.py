@@ -20,6 +20,8 @@ from ar_ray.data.cache import CACHE_DIR, MANIFEST
 from ar_ray.data.decode import run_on_ray
 from ar_ray.data.size import stored_size
 
+pytestmark = pytest.mark.ray
+
 SIZE = 20  # the training size: images are stored at stored_size(SIZE) = 23
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 

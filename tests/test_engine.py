@@ -15,6 +15,7 @@ from ar_ray.recipe.checkpoint import inference_model
 from ar_ray.recipe.engine import evaluate, fit, teacher_views, view_major, views_per_image
 
 
+@pytest.mark.slow
 def test_default_run_reaches_70_percent_test_top1(builtin_splits):
     config = RunConfig()
     assert config.epochs <= 10

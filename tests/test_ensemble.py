@@ -302,6 +302,8 @@ def test_tune_and_ensemble_through_a_storage_uri(ray_cluster, small_splits, tmp_
 PROBE = """
 import json, sys
 from ar_ray.cli import main
+
+pytestmark = pytest.mark.ray
 code = main(sys.argv[1:])
 heavy = ("ray.tune", "ray.train", "optuna")
 loaded = sorted(m for m in sys.modules if m in heavy or m.startswith(tuple(h + "." for h in heavy)))

@@ -79,6 +79,7 @@ def test_an_infeasible_report_stops_the_waiting_main_thread(ray_cluster):
         ray.cancel(ref)
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_trial_on_the_embedded_local_ray_exits_2_before_queueing(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # ar-ray starts its own Ray
@@ -105,6 +106,8 @@ def cpu_only_cluster():
     cluster.shutdown()
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
 def test_gpu_trial_on_a_cluster_without_gpu_node_types_exits_2(cpu_only_cluster, tmp_path):
     result = run_cli(
         *("tune", "--space", QUICK, "--trials", "1", "--gpus-per-trial", "1"),
@@ -118,6 +121,8 @@ def test_gpu_trial_on_a_cluster_without_gpu_node_types_exits_2(cpu_only_cluster,
     )
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
 def test_cpu_trials_wait_for_their_node_and_oversized_members_exit_2(cpu_only_cluster, tmp_path):
     """The watch stays quiet while the autoscaler starts a CPU node for the trial, then stops
     `ensemble` whose workers no node type can hold: GPU workers (found by the probe that picks

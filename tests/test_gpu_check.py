@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 ORDER = [
@@ -101,6 +103,7 @@ def test_cpu_smoke_where_ray_and_optuna_are_absent_passes_every_pytorch_section(
     assert all(f"| {name} | skipped |" in table for name in RAY_SECTIONS)
 
 
+@pytest.mark.ray
 def test_cpu_smoke_with_ray_runs_the_chosen_sections_in_order(tmp_path):
     report = smoke(tmp_path, environment(), "--sections", "inference_actor,ray_member")
     assert list(report["sections"]) == ["ray_member", "inference_actor"]

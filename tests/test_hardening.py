@@ -21,6 +21,8 @@ from ar_ray.recipe.checkpoint import load_checkpoint
 from ar_ray.search_space import load_search_space
 from ar_ray.tune import TuneRequest, run_tune
 
+pytestmark = pytest.mark.ray
+
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 
 

@@ -19,6 +19,8 @@ from ray.cluster_utils import Cluster
 
 from ar_ray.recipe.checkpoint import load_checkpoint
 
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 DEADLINE = 420
 

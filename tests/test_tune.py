@@ -19,6 +19,8 @@ from ar_ray.search_space import load_search_space, parse_search_space
 from ar_ray.staged import first_rung
 from ar_ray.tune import TuneRequest, optuna_states, run_tune
 
+pytestmark = pytest.mark.ray
+
 SPACES = Path(__file__).parent.parent / "search_spaces"
 QUICK = SPACES / "quick.yaml"
 
