@@ -244,12 +244,24 @@ def run_tune(
         }
         storage.write_text(request_path(request), yaml.safe_dump(record, sort_keys=False))
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < request.trials:  # Tune returns on SIGINT
+    if trials_that_ran(grid) < request.trials:  # Tune returns on SIGINT
         raise Interrupted(f"tune experiment {path} stopped before all trials finished")
     board = leaderboard(grid, space, base.epochs, request.first_rung, optuna_states(path))
     storage.write_text(storage.join(path, LEADERBOARD), board.to_csv(index=False))
     storage.write_text(storage.join(path, BEST_CONFIGS), best_configs_yaml(board, space, base))
     return board
+
+
+def trials_that_ran(grid: tune.ResultGrid) -> int:
+    """Trials that reported an epoch or failed.
+
+    Tune catches Ctrl+C (and the infeasible watch's interrupt) and returns its grid; a trial
+    it never started comes back as terminated with no result, so counting terminated trials
+    would call an interrupted search finished and write a leaderboard of empty rows.
+    """
+    return sum(
+        1 for result in grid if result.error is not None or (result.metrics or {}).get("epoch")
+    )
 
 
 def request_path(request: TuneRequest) -> str:

@@ -119,6 +119,7 @@ def test_gpu_trial_on_a_cluster_without_gpu_node_types_exits_2(cpu_only_cluster,
         "--cpus-per-trial 1 / --gpus-per-trial 1: Ray reports that no node type of this "
         "cluster can hold a trial of 1 CPU + 1 GPU (infeasible)",
     )
+    assert not list(tmp_path.rglob("leaderboard.csv"))  # the trial never ran: no results
 
 
 @pytest.mark.cluster
