@@ -213,3 +213,16 @@ def test_ar_ray_command_parses(source, args, capsys):
     if parsed.command == "tune":
         assert "://" in parsed.storage, "multi-node Tune needs --storage on a bucket"
         assert parsed.gpus_per_trial, "a cluster that starts without GPUs needs --gpus-per-trial"
+
+
+RAY_REQUIREMENT = re.compile(r"ray\[([a-z,]+)\]")
+
+
+def test_cluster_images_install_the_ray_extras_the_package_declares():
+    """A node that lacks an extra ar-ray imports fails only when a job lands on it (Ray Data
+    in the inference actors, the State API that frees an early-stopped trial's workers)."""
+    (declared,) = RAY_REQUIREMENT.findall((LAUNCH.parent / "pyproject.toml").read_text())
+    assert set(declared.split(",")) == {"default", "data", "tune", "train"}
+    installs = {path.name: RAY_REQUIREMENT.findall(path.read_text()) for path in LAUNCH.glob("*.yaml")}
+    assert all(installs.values()), installs  # every cluster config installs Ray with extras
+    assert {extras for found in installs.values() for extras in found} == {declared}
