@@ -223,6 +223,8 @@ def test_cluster_images_install_the_ray_extras_the_package_declares():
     in the inference actors, the State API that frees an early-stopped trial's workers)."""
     (declared,) = RAY_REQUIREMENT.findall((LAUNCH.parent / "pyproject.toml").read_text())
     assert set(declared.split(",")) == {"default", "data", "tune", "train"}
-    installs = {path.name: RAY_REQUIREMENT.findall(path.read_text()) for path in LAUNCH.glob("*.yaml")}
+    installs = {
+        path.name: RAY_REQUIREMENT.findall(path.read_text()) for path in LAUNCH.glob("*.yaml")
+    }
     assert all(installs.values()), installs  # every cluster config installs Ray with extras
     assert {extras for found in installs.values() for extras in found} == {declared}
