@@ -12,6 +12,7 @@ that was stated and differs from the record, as `--resume` refuses only a typed 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -149,7 +150,7 @@ def load_splits(
         cache = store.join(experiment, CACHE_DIR)
         splits = load_listing(listing, image_size, skip_bad_images, runner=run_on_ray, cache=cache)
     for path in splits.skipped:
-        print(f"skipped unreadable image: {path}", flush=True)
+        print(f"skipped unreadable image: {path}", file=sys.stderr, flush=True)
     return splits.limit_per_class(limit_per_class)
 
 

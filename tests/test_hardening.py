@@ -19,6 +19,7 @@ from helpers import assert_user_error, free_port, make_image_folder, run_cli, wr
 from ar_ray.api import stated_options
 from ar_ray.cli import build_parser
 from ar_ray.recipe.checkpoint import load_checkpoint
+from ar_ray.saved_ensemble import SavedEnsemble
 from ar_ray.search import TuneRequest, run_tune
 from ar_ray.search_space import load_search_space
 
@@ -182,13 +183,17 @@ def case_predict_corrupt_member_checkpoint(tmp_path, tuned):
     checkpoint = run / "members" / "m1" / "checkpoint.pt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"not a checkpoint")
-    record = {
-        "checkpoints": ["members/m1/checkpoint.pt"],
-        "method": "uniform",
-        "weights": [1.0],
-        "temperature": 1.0,
-    }
-    (run / "ensemble" / "ensemble.yaml").write_text(yaml.safe_dump(record))
+    SavedEnsemble(
+        members=["m1"],
+        checkpoints=["members/m1/checkpoint.pt"],
+        method="uniform",
+        weights=[1.0],
+        temperature=1.0,
+        tta="center",
+        classes=["a", "b"],
+        image_size=28,
+        stored_size=32,
+    ).save(run / "ensemble")
     return ["predict", "--ensemble", str(run), "--images", str(tmp_path)], str(checkpoint)
 
 
