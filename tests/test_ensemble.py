@@ -36,6 +36,8 @@ from ar_ray.saved_ensemble import SavedEnsemble
 from ar_ray.search import TuneRequest, run_tune
 from ar_ray.search_space import load_search_space
 
+pytestmark = pytest.mark.ray
+
 QUICK = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
 OUTPUTS = [
     "members.csv",
@@ -302,8 +304,6 @@ def test_tune_and_ensemble_through_a_storage_uri(ray_cluster, small_splits, tmp_
 PROBE = """
 import json, sys
 from ar_ray.cli import main
-
-pytestmark = pytest.mark.ray
 code = main(sys.argv[1:])
 heavy = ("ray.tune", "ray.train", "optuna")
 loaded = sorted(m for m in sys.modules if m in heavy or m.startswith(tuple(h + "." for h in heavy)))
