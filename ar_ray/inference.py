@@ -53,7 +53,11 @@ class InferenceOptions:
     def from_record(cls, request: dict[str, Any]) -> InferenceOptions:
         """The pool a recorded `ensemble` request ran on; `predict` inherits it."""
         actor = Resources.from_record(request, "cpus_per_actor", "gpus_per_actor")
-        return cls(actor=actor, max_actors=request.get("max_actors", DEFAULT_MAX_ACTORS))
+        return cls(
+            actor=actor,
+            max_actors=request.get("max_actors", DEFAULT_MAX_ACTORS),
+            batch_size=request.get("images_per_call"),
+        )
 
     @property
     def images_per_call(self) -> int:

@@ -1,7 +1,7 @@
 """The tune run's record: the leaderboard's format, its best configs, and reading it back.
 
 `ensemble` and every later reader of a tune run depend on this module, never on the search
-itself (`ar_ray.tune`), so reading a leaderboard does not import Ray Tune or Optuna.
+itself (`ar_ray.search`), so reading a leaderboard does not import Ray Tune or Optuna.
 """
 
 from __future__ import annotations

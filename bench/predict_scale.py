@@ -48,10 +48,10 @@ from common import (
 
 from ar_ray.config import RunConfig
 from ar_ray.data.size import stored_size
-from ar_ray.ensemble import EnsembleRequest
+from ar_ray.ensembling import EnsembleRequest
+from ar_ray.labelling import pool_file
 from ar_ray.members import member_dir
 from ar_ray.outputs import environment_info
-from ar_ray.predict import pool_file
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
 from ar_ray.saved_ensemble import ENSEMBLE_DIR, SavedEnsemble
 
@@ -115,26 +115,26 @@ def cli_driver(argv: list[str]) -> dict[str, Any]:
     rows reach the output: the first and last rows' times. Both keep a few numbers, so they
     add nothing that grows with the images.
     """
-    from ar_ray import cli, predict
+    from ar_ray import cli, labelling
 
     started = time.perf_counter()
     seen: dict[str, Any] = {}
-    real_run, real_append = predict.run_predict, predict.PredictionWriter.append
+    real_run, real_append = labelling.run_predict, labelling.PredictionWriter.append
 
-    def run_predict(*args: Any, **kwargs: Any) -> predict.PredictSummary:
+    def run_predict(*args: Any, **kwargs: Any) -> labelling.PredictResult:
         seen["rss_before_predict_mb"] = rss_mb("VmRSS")
         seen["peak_before_predict_mb"] = rss_mb("VmHWM")
         seen["windowed"] = start_peak_window()
         return real_run(*args, **kwargs)
 
-    def append(writer: predict.PredictionWriter, frame: pd.DataFrame) -> None:
+    def append(writer: labelling.PredictionWriter, frame: pd.DataFrame) -> None:
         real_append(writer, frame)
         seen.setdefault("first_rows", len(frame))
         seen.setdefault("first_row_s", time.perf_counter() - started)
         seen["last_row_s"] = time.perf_counter() - started
 
-    predict.run_predict = run_predict
-    predict.PredictionWriter.append = append  # type: ignore[method-assign]
+    labelling.run_predict = run_predict
+    labelling.PredictionWriter.append = append  # type: ignore[method-assign]
     code = cli.main(argv)
     seconds = time.perf_counter() - started
     return {"code": code, "main_s": seconds, "peak_during_predict_mb": rss_mb("VmHWM"), **seen}

@@ -40,8 +40,7 @@ from ray.tune.search import BasicVariantGenerator
 from ar_ray.config import RunConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.leaderboard import leaderboard
-from ar_ray.search_space import SearchSpace, load_search_space, parse_search_space
-from ar_ray.tune import (
+from ar_ray.search import (
     METRIC,
     MODE,
     TuneRequest,
@@ -50,6 +49,7 @@ from ar_ray.tune import (
     run_tune,
     trial_trainable,
 )
+from ar_ray.search_space import SearchSpace, load_search_space, parse_search_space
 
 QUICK_SPACE = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
 

@@ -19,7 +19,8 @@ from helpers import run_cli, write_image
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
-IMAGES = 600  # ten batches: enough work for the pool to grow
+IMAGES = 600  # ten calls of 64 images: enough work for the pool to grow
+BATCH = ("--images-per-call", "64")  # a GPU actor would take 256: too few calls to grow
 QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 GPU_NODE = {
     "gpu_node": {
@@ -85,7 +86,7 @@ def test_gpu_trials_grow_the_cluster_from_zero(cluster, tuned):
 def ensembled(cluster, tuned):
     run = tuned[0]
     result = run_cli(
-        *("ensemble", "--from", str(run), "--members", "2", "--epochs", "3"),
+        *("ensemble", "--from", str(run), "--members", "2", "--epochs", "3", *BATCH),
         *("--address", cluster.address),
     )
     assert_ok(result)

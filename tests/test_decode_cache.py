@@ -12,7 +12,7 @@ import ray
 import yaml
 from helpers import assert_user_error, make_image_folder, run_cli, write_image
 
-from ar_ray import cli
+from ar_ray import api
 from ar_ray.data import DataError, decode_image, list_folder, load_listing
 from ar_ray.data import decode as decode_module
 from ar_ray.data import folder as folder_module
@@ -114,7 +114,7 @@ def _cache_files(cache: Path) -> dict[str, int]:
 
 def _load(root, experiment, image_size=SIZE, **options):
     values = {"skip_bad_images": False, "limit_per_class": None, **options}
-    return cli.load_splits(list_folder(root), image_size, experiment=str(experiment), **values)
+    return api.load_splits(list_folder(root), image_size, experiment=str(experiment), **values)
 
 
 def test_cache_is_reused_until_the_folder_changes(ray_cluster, tmp_path, decodes):

@@ -18,23 +18,25 @@ from PIL import Image
 
 from ar_ray.cli import print_summary
 from ar_ray.data.size import stored_size
-from ar_ray.ensemble import (
+from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
+from ar_ray.ensembling import (
     EnsembleRequest,
-    EnsembleSummary,
+    EnsembleResult,
     estimate,
     run_ensemble,
 )
-from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.inference import InferenceOptions, ensemble_top_k, member_probabilities
+from ar_ray.labelling import run_predict
 from ar_ray.leaderboard import load_tune_record
 from ar_ray.members import MemberSpec, TrainOptions, member_train_loop, train_member
 from ar_ray.metrics import classification_metrics
-from ar_ray.predict import run_predict
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.saved_ensemble import SavedEnsemble
+from ar_ray.search import TuneRequest, run_tune
 from ar_ray.search_space import load_search_space
-from ar_ray.tune import TuneRequest, run_tune
+
+pytestmark = pytest.mark.ray
 
 QUICK = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
 OUTPUTS = [
@@ -138,7 +140,7 @@ def test_headline_compares_with_the_member_best_on_val_not_on_test(capsys):
             for n, k, s, t in rows
         ]
     )
-    print_summary(EnsembleSummary(metrics=metrics, chosen="nll", folder="runs/x/ensemble"))
+    print_summary(EnsembleResult(metrics=metrics, chosen="nll", run="runs/x"))
     lines = capsys.readouterr().out.splitlines()
     assert (
         "val top-1: ensemble (nll weights) 72.00% (out-of-fold) "
@@ -302,8 +304,6 @@ def test_tune_and_ensemble_through_a_storage_uri(ray_cluster, small_splits, tmp_
 PROBE = """
 import json, sys
 from ar_ray.cli import main
-
-pytestmark = pytest.mark.ray
 code = main(sys.argv[1:])
 heavy = ("ray.tune", "ray.train", "optuna")
 loaded = sorted(m for m in sys.modules if m in heavy or m.startswith(tuple(h + "." for h in heavy)))

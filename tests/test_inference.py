@@ -27,3 +27,10 @@ def test_actor_batch_follows_the_device_the_actor_holds_unless_stated():
     assert InferenceOptions(actor=Resources(cpus=4)).images_per_call == 64
     stated = InferenceOptions(actor=Resources(cpus=4, gpus=1), batch_size=16)
     assert stated.images_per_call == 16 == stated.map_batches_args()["batch_size"]
+
+
+def test_a_recorded_batch_is_inherited_and_an_unrecorded_one_follows_the_device():
+    recorded = {"cpus_per_actor": 2.0, "gpus_per_actor": 1.0, "max_actors": 3}
+    assert InferenceOptions.from_record(recorded).images_per_call == 256
+    stated = InferenceOptions.from_record(recorded | {"images_per_call": 32})
+    assert stated.images_per_call == 32 and stated.max_actors == 3

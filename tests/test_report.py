@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ar_ray.ensemble import estimate
+from ar_ray.ensembling import estimate
 from ar_ray.metrics import classification_metrics, reliability_table
 from ar_ray.report import markdown_table, members_vs_ensemble_figure, write_report
 

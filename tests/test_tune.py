@@ -15,9 +15,9 @@ import yaml
 from helpers import assert_user_error, run_cli
 
 from ar_ray.config import ConfigError, load_config
+from ar_ray.search import TuneRequest, optuna_states, run_tune
 from ar_ray.search_space import load_search_space, parse_search_space
 from ar_ray.staged import first_rung
-from ar_ray.tune import TuneRequest, optuna_states, run_tune
 
 pytestmark = pytest.mark.ray
 

@@ -66,10 +66,17 @@ def image_dataset(locations: list[str], size: int) -> ray.data.Dataset:
 
 
 @dataclass
-class PredictSummary:
+class PredictResult:
+    """Where the predictions went, how many images, how many failed to decode."""
+
+    out: Path  # CSV or Parquet: image_id, predicted, top5, confidence, top5_probs, error
     images: int
     errors: int
     pool: Path  # which actors labelled how many images
+
+    def frame(self) -> pd.DataFrame:
+        """The predictions, read back."""
+        return pd.read_parquet(self.out) if self.out.suffix == ".parquet" else pd.read_csv(self.out)
 
 
 def pool_file(out: Path) -> Path:
@@ -141,7 +148,7 @@ def _frames(
 
 def run_predict(
     ensemble: SavedEnsemble, locations: list[str], out: Path, options: InferenceOptions
-) -> PredictSummary:
+) -> PredictResult:
     """Label every image under `locations`, streaming rows to `out` as batches finish."""
     writer = PredictionWriter(out)
     tally = PoolTally()
@@ -159,4 +166,4 @@ def run_predict(
         raise UserError(f"{' '.join(locations)}: no image files found")
     writer.commit()
     atomic_write_csv(pool_file(out), tally.frame())
-    return PredictSummary(images=images, errors=errors, pool=pool_file(out))
+    return PredictResult(out=out, images=images, errors=errors, pool=pool_file(out))

@@ -58,6 +58,7 @@ class EnsembleRequest:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     max_actors: int = DEFAULT_MAX_ACTORS
+    images_per_call: int | None = None  # None: by the actors' device (inference.py)
 
     def train_options(self, root: str) -> TrainOptions:
         worker = Resources(cpus=self.cpus_per_worker, gpus=self.gpus_per_worker)
@@ -73,10 +74,18 @@ class EnsembleRequest:
 
 
 @dataclass
-class EnsembleSummary:
+class EnsembleResult:
+    """A finished ensemble: every member's and method's scores (`metrics`, one row per
+    name and split, with how each was estimated), the chosen weighting and its folder."""
+
     metrics: pd.DataFrame
     chosen: str
-    folder: str
+    run: str  # the run folder: `predict` takes it
+
+    @property
+    def folder(self) -> str:
+        """Where the outputs are: <run>/ensemble."""
+        return storage.join(self.run, ENSEMBLE_DIR)
 
 
 def _checkpoints(run: str, specs: list[MemberSpec]) -> list[str]:
@@ -166,7 +175,7 @@ def run_ensemble(
     record: TuneRecord,
     splits: DatasetSplits,
     options: TrainOptions,
-) -> EnsembleSummary:
+) -> EnsembleResult:
     """Train (or reuse) the members, predict val/test on actors, fit weights, write outputs.
 
     The caller decides what may be overwritten (`prepare_ensemble_dir`) before calling.
@@ -286,7 +295,7 @@ def run_ensemble(
     ).save(stage)
     if remote:
         _publish(stage, run)
-    return EnsembleSummary(metrics=metrics, chosen=chosen, folder=storage.join(run, ENSEMBLE_DIR))
+    return EnsembleResult(metrics=metrics, chosen=chosen, run=run)
 
 
 def _member_runs(run: str, specs: list[MemberSpec]) -> pd.DataFrame:

@@ -17,7 +17,9 @@ from ar_ray.recipe.engine import evaluate, fit
 
 
 @dataclass
-class TrainSummary:
+class TrainResult:
+    """The run's folder, its per-epoch history and, where test labels exist, its test score."""
+
     out: Path
     history: list[dict[str, Any]]
     test: dict[str, Any] | None
@@ -39,7 +41,7 @@ def run_training(
     resume: bool,
     overwrite: bool,
     loader_workers: int = 0,
-) -> TrainSummary:
+) -> TrainResult:
     """Train, writing config, per-epoch metrics and the checkpoint as each epoch ends.
 
     The checkpoint is rewritten every epoch, so `--resume` after a crash loses one epoch at
@@ -65,4 +67,4 @@ def run_training(
         test = evaluate(result.model, splits.test, config.image_size, config.tta)
         test = {"top1": test["top1"], "nll": test["nll"], "tta": config.tta}
         atomic_write_text(out / "test_metrics.yaml", yaml.safe_dump(test, sort_keys=False))
-    return TrainSummary(out=out, history=result.history, test=test)
+    return TrainResult(out=out, history=result.history, test=test)

@@ -1,0 +1,438 @@
+"""The workflows behind every `ar-ray` command, as Python functions.
+
+`ar-ray tune` is `ar_ray.search(...)`, and so on: each function takes the command's options
+(same names, same defaults), applies the same checks in the same order (cheap ones before
+Ray starts), keeps the same records, caches and resume rules, and raises the same one-line
+`UserError`s. The CLI only parses, calls one of these and prints.
+
+Options that a run records (trials, epochs, seed, ...) default to None, meaning "not
+stated": the documented default then applies, and `resume=True` refuses only an option
+that was stated and differs from the record, as `--resume` refuses only a typed flag.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pandas as pd
+import yaml
+
+from ar_ray import storage as store
+from ar_ray.config import RunConfig, load_config
+from ar_ray.data import DatasetSplits, FolderListing, list_folder, load_builtin, load_listing
+from ar_ray.data.cache import CACHE_DIR
+from ar_ray.data.decode import run_on_ray
+from ar_ray.errors import UserError
+from ar_ray.resources import (
+    DEFAULT_MAX_ACTORS,
+    Resources,
+    actor_default,
+    announce,
+    loader_workers_for,
+    local_cpus,
+    stated,
+)
+
+if TYPE_CHECKING:  # the Ray-heavy modules load only inside the workflows that need them
+    from ar_ray.ensembling import EnsembleResult
+    from ar_ray.labelling import PredictResult
+    from ar_ray.training import TrainResult
+
+Request = TypeVar("Request")
+LOCATING_OPTIONS = frozenset({"storage", "name", "run"})
+"""They find the recorded run; a path spelt another way is still the same run."""
+
+
+@dataclass
+class TuneResult:
+    """A finished search: its leaderboard (best first) and where it lives."""
+
+    leaderboard: pd.DataFrame
+    run: str  # <storage>/<name>: what `ensemble` takes
+
+    @property
+    def leaderboard_path(self) -> str:
+        return store.join(self.run, "tune", "leaderboard.csv")
+
+
+def stated_options(**options: Any) -> set[str]:
+    """The option names given a value (not None, not False): what `resume` compares."""
+    return {name for name, value in options.items() if value is not None and value is not False}
+
+
+def refuse_changed_options(
+    given: set[str], requested: dict[str, Any], recorded: dict[str, Any], where: str
+) -> None:
+    """`resume` continues the run recorded in `where`: an option the user stated that
+    disagrees with the record is refused, naming it, rather than mixed in silently."""
+    for key, value in requested.items():
+        if key in given - LOCATING_OPTIONS and key in recorded and value != recorded[key]:
+            raise UserError(
+                f"--{key.replace('_', '-')} {_shown(value)} differs from {_shown(recorded[key])} "
+                f"recorded in {where}; --resume continues the recorded run"
+            )
+
+
+def from_record(cls: type[Request], values: dict[str, Any]) -> Request:
+    """A request dataclass from its recorded form; keys an older ar-ray wrote and this one
+    dropped are ignored, fields it lacks keep their defaults."""
+    known = {field.name for field in fields(cls)}
+    return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def _recorded(where: str) -> dict[str, Any]:
+    """The request a run began with (request.yaml, ensemble.yaml): `resume` continues it."""
+    try:
+        return yaml.safe_load(store.read_text(where))["request"]
+    except (yaml.YAMLError, KeyError, TypeError) as error:
+        raise UserError(f"{where}: corrupted record ({type(error).__name__})") from None
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _positive(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
+
+
+def _default(cls: type, name: str, value: Any) -> Any:
+    """`value`, or the request dataclass's default for the field when it was not stated."""
+    return next(f.default for f in fields(cls) if f.name == name) if value is None else value
+
+
+def resources(
+    unit: str, per: str, cpus: float | None, gpus: float | None, inherited: Resources, origin: str
+) -> Resources:
+    """The stated `cpus`/`gpus` over what was inherited; unless both were stated, one line
+    says what each unit will request and how to change it."""
+    for kind, value in (("cpus", cpus), ("gpus", gpus)):
+        if value is not None and value < 0:
+            raise UserError(f"--{kind}-per-{per}={value:g} must be >= 0")
+    chosen = stated(cpus, gpus, inherited)
+    if chosen.cpus + chosen.gpus == 0:
+        raise UserError(f"--cpus-per-{per} and --gpus-per-{per} are both 0: a {unit} needs one")
+    if cpus is None or gpus is None:
+        flags = f"--cpus-per-{per} / --gpus-per-{per}"
+        print(announce(unit, chosen.describe(), origin, flags), flush=True)
+    return chosen
+
+
+def list_data(location: str | None) -> FolderListing | None:
+    """The folder's files, its layout checked; None for the built-in set. Called before Ray
+    starts, so a bad layout fails in milliseconds and leaves nothing behind."""
+    return None if location is None else list_folder(location)
+
+
+def load_splits(
+    listing: FolderListing | None,
+    image_size: int,
+    *,
+    skip_bad_images: bool,
+    limit_per_class: int | None,
+    experiment: str | None = None,
+) -> DatasetSplits:
+    """The splits every workflow trains on. With an `experiment` root (tune and ensemble,
+    once Ray is connected), a folder is decoded by Ray tasks and cached under the
+    experiment, so later commands on the same unchanged folder reuse it; without one
+    (train), it is decoded in this process."""
+    if listing is None:
+        splits = load_builtin(image_size)
+    elif experiment is None:
+        splits = load_listing(listing, image_size, skip_bad_images)
+    else:
+        cache = store.join(experiment, CACHE_DIR)
+        splits = load_listing(listing, image_size, skip_bad_images, runner=run_on_ray, cache=cache)
+    for path in splits.skipped:
+        print(f"skipped unreadable image: {path}", file=sys.stderr, flush=True)
+    return splits.limit_per_class(limit_per_class)
+
+
+def train(
+    config: str | Path | RunConfig | None = None,
+    *,
+    rank: int = 1,
+    data: str | None = None,
+    skip_bad_images: bool = False,
+    limit_per_class: int | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
+    out: str | Path = "runs/train",
+    resume: bool = False,
+    overwrite: bool = False,
+    loader_workers: int | None = None,
+) -> TrainResult:
+    """`ar-ray train`: one run of the recipe on this machine, no cluster.
+
+    `config` is a YAML file (the `rank`-th config of a ranked list such as
+    best_configs.yaml), a `RunConfig`, or None for the default recipe.
+    """
+    from ar_ray.training import run_training
+
+    if isinstance(config, RunConfig):
+        base = config
+    else:
+        base = load_config(Path(config), rank) if config is not None else RunConfig()
+    overrides = {"epochs": epochs, "seed": seed}
+    base = base.replace(**{k: v for k, v in overrides.items() if v is not None})
+    _positive(limit_per_class=limit_per_class)
+    if loader_workers is None:
+        loader_workers = loader_workers_for(local_cpus())
+    elif loader_workers < 0:
+        raise UserError(f"--loader-workers={loader_workers} must be >= 0")
+    splits = load_splits(
+        list_data(data),
+        base.image_size,
+        skip_bad_images=skip_bad_images,
+        limit_per_class=limit_per_class,
+    )
+    print(
+        f"training {base.arch} for {base.epochs} epochs on {len(splits.train)} images "
+        f"({splits.num_classes} classes); outputs in {out}",
+        flush=True,
+    )
+    return run_training(
+        base, splits, Path(out), resume=resume, overwrite=overwrite, loader_workers=loader_workers
+    )
+
+
+def tune(
+    space: str | Path,
+    *,
+    data: str | None = None,
+    trials: int | None = None,
+    epochs: int | None = None,
+    skip_bad_images: bool = False,
+    limit_per_class: int | None = None,
+    storage: str = "runs",
+    name: str = "ar",
+    cpus_per_trial: float | None = None,
+    gpus_per_trial: float | None = None,
+    max_concurrent: int | None = None,
+    grace_period: int | None = None,
+    max_failures: int | None = None,
+    seed: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> TuneResult:
+    """`ar-ray tune`: Optuna (TPE) proposes configs of `space`, ASHA stops weak trials.
+
+    Defaults: 16 trials, the space's epochs, 1 CPU and 0 GPUs per trial, grace period 1,
+    2 retries per failed trial, seed 0; outputs under `<storage>/<name>`.
+    """
+    from ar_ray.cluster import connect
+    from ar_ray.feasibility import Demand, failing_fast
+    from ar_ray.search import (
+        TuneRequest,
+        base_config,
+        experiment_dir,
+        experiment_root,
+        prepare_experiment_dir,
+        request_path,
+        resolve_first_rung,
+        run_tune,
+        trial_resources,
+    )
+    from ar_ray.search_space import load_search_space
+
+    given = stated_options(
+        trials=trials, epochs=epochs, data=data, skip_bad_images=skip_bad_images,
+        limit_per_class=limit_per_class, cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
+        grace_period=grace_period, max_failures=max_failures, seed=seed,
+    )  # fmt: skip
+    _positive(
+        trials=trials,
+        epochs=epochs,
+        max_concurrent=max_concurrent,
+        grace_period=grace_period,
+        limit_per_class=limit_per_class,
+    )
+    loaded = load_search_space(Path(space))
+    trial = resources("trial", "trial", cpus_per_trial, gpus_per_trial, Resources(), "default")
+    listing = list_data(data)
+    request = TuneRequest(
+        space=str(space),
+        trials=_default(TuneRequest, "trials", trials),
+        epochs=epochs,
+        data=data,
+        data_resolved=None if listing is None else listing.resolved,
+        skip_bad_images=skip_bad_images,
+        limit_per_class=limit_per_class,
+        storage=storage,
+        name=name,
+        cpus_per_trial=trial.cpus,
+        gpus_per_trial=trial.gpus,
+        max_concurrent=max_concurrent,
+        grace_period=_default(TuneRequest, "grace_period", grace_period),
+        max_failures=_default(TuneRequest, "max_failures", max_failures),
+        seed=_default(TuneRequest, "seed", seed),
+    )
+    store.ensure_writable(experiment_root(request))
+    prepare_experiment_dir(experiment_dir(request), resume=resume, overwrite=overwrite)
+    if resume:  # the recorded request goes on; an option that disagrees with it is refused
+        recorded = from_record(TuneRequest, _recorded(request_path(request)))
+        refuse_changed_options(given, asdict(request), asdict(recorded), request_path(request))
+        if recorded.data != request.data:
+            listing = list_data(recorded.data_resolved or recorded.data)
+        request = recorded
+    else:  # a searched key that can never act fails here, before Ray starts
+        request = resolve_first_rung(request, loaded)
+    embedded = connect(address)
+    with failing_fast([Demand("trial", "trial", trial_resources(request))], embedded):
+        splits = load_splits(
+            listing,
+            base_config(request, loaded).image_size,
+            skip_bad_images=request.skip_bad_images,
+            limit_per_class=request.limit_per_class,
+            experiment=experiment_root(request),
+        )
+        board = run_tune(request, loaded, splits, resume=resume)
+    return TuneResult(leaderboard=board, run=experiment_root(request))
+
+
+def ensemble(
+    run: str | TuneResult,
+    *,
+    members: int | None = None,
+    archs: Sequence[str] | None = None,
+    epochs: int | None = None,
+    workers_per_member: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    max_concurrent: int | None = None,
+    tta: str | None = None,
+    cpus_per_actor: float | None = None,
+    gpus_per_actor: float | None = None,
+    max_actors: int | None = None,
+    images_per_call: int | None = None,
+    seed: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> EnsembleResult:
+    """`ar-ray ensemble`: train the tune run's best mutually different configs as members,
+    TenCrop them on an actor pool, fit the weights on val (cross-fitted), write outputs.
+
+    Defaults: 3 members, the tune's epochs, 1 DDP worker per member holding what each trial
+    held, TenCrop, actors holding what a worker held (at most 1 GPU), at most 4 actors
+    answering 64 images per call on a CPU and 256 on a GPU, seed 0.
+    """
+    from ar_ray.cluster import connect
+    from ar_ray.ensembling import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
+    from ar_ray.feasibility import ensemble_demands, failing_fast
+    from ar_ray.leaderboard import load_tune_record
+    from ar_ray.saved_ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE
+
+    run = run.run if isinstance(run, TuneResult) else run
+    archs = list(archs) if archs else None
+    given = stated_options(
+        members=members, archs=archs, epochs=epochs, workers_per_member=workers_per_member,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        max_concurrent=max_concurrent, tta=tta, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor, max_actors=max_actors, images_per_call=images_per_call,
+        seed=seed,
+    )  # fmt: skip
+    _positive(
+        members=members,
+        epochs=epochs,
+        workers_per_member=workers_per_member,
+        max_concurrent=max_concurrent,
+        max_actors=max_actors,
+        images_per_call=images_per_call,
+    )
+    record = load_tune_record(run)
+    root = store.resolve(run)
+    store.ensure_writable(root)
+    for arch in archs or []:
+        record.base.replace_checked("arch", arch, "--archs")
+    tuned = f"the tune run's trials in {run}"
+    worker = resources(
+        "member worker", "worker", cpus_per_worker, gpus_per_worker, record.trial_resources, tuned
+    )
+    actor = resources(
+        "inference actor", "actor", cpus_per_actor, gpus_per_actor, actor_default(worker),
+        "member workers'",
+    )  # fmt: skip
+    request = EnsembleRequest(
+        run=run,
+        members=_default(EnsembleRequest, "members", members),
+        archs=archs,
+        epochs=epochs,
+        workers_per_member=_default(EnsembleRequest, "workers_per_member", workers_per_member),
+        tta=_default(EnsembleRequest, "tta", tta),
+        seed=_default(EnsembleRequest, "seed", seed),
+        cpus_per_worker=worker.cpus,
+        gpus_per_worker=worker.gpus,
+        max_concurrent=max_concurrent,
+        cpus_per_actor=actor.cpus,
+        gpus_per_actor=actor.gpus,
+        max_actors=max_actors or DEFAULT_MAX_ACTORS,
+        images_per_call=images_per_call,
+    )
+    where = store.join(root, ENSEMBLE_DIR, ENSEMBLE_FILE)
+    if resume and store.exists(where):  # a finished ensemble: its request goes on
+        recorded = from_record(EnsembleRequest, _recorded(where))
+        refuse_changed_options(given, asdict(request), asdict(recorded), where)
+        request = replace(recorded, run=run)
+    plan_members(request, record)  # a bad `members` fails before any Ray work starts
+    listing = list_data(record.data)  # the folder tune read, checked again before Ray starts
+    prepare_ensemble_dir(root, resume=resume, overwrite=overwrite)
+    embedded = connect(address)
+    options = request.train_options(root)
+    with failing_fast(ensemble_demands(options, request.inference_options()), embedded):
+        splits = load_splits(
+            listing,
+            record.base.image_size,
+            skip_bad_images=record.skip_bad_images,
+            limit_per_class=record.limit_per_class,
+            experiment=root,
+        )
+        return run_ensemble(request, record, splits, options)
+
+
+def predict(
+    run: str | EnsembleResult,
+    images: str | Sequence[str],
+    *,
+    out: str | Path = "predictions.csv",
+    cpus_per_actor: float | None = None,
+    gpus_per_actor: float | None = None,
+    max_actors: int | None = None,
+    images_per_call: int | None = None,
+    address: str | None = None,
+) -> PredictResult:
+    """`ar-ray predict`: label images (files, folders or bucket prefixes) with the ensemble
+    saved in `run`, on the actors it was scored on unless told otherwise; rows stream to
+    `out` (CSV, or Parquet for a .parquet name) as batches finish."""
+    from ar_ray.cluster import connect
+    from ar_ray.feasibility import actor_demand, failing_fast
+    from ar_ray.inference import InferenceOptions
+    from ar_ray.labelling import check_locations, run_predict
+    from ar_ray.saved_ensemble import SavedEnsemble
+
+    run = run if isinstance(run, str) else run.run
+    _positive(max_actors=max_actors, images_per_call=images_per_call)
+    saved = SavedEnsemble.load(run)
+    recorded = InferenceOptions.from_record(saved.request)
+    actor = resources(
+        "inference actor", "actor", cpus_per_actor, gpus_per_actor, recorded.actor,
+        "the ensemble's",
+    )  # fmt: skip
+    options = replace(
+        recorded,
+        actor=actor,
+        max_actors=max_actors or recorded.max_actors,
+        batch_size=images_per_call or recorded.batch_size,
+    )
+    locations = check_locations([images] if isinstance(images, str) else list(images))
+    embedded = connect(address)
+    with failing_fast([actor_demand(options)], embedded):
+        return run_predict(saved, locations, Path(out), options)
