@@ -320,7 +320,7 @@ def test_predict_imports_neither_the_search_nor_the_training_stack(ensemble_run,
     out = tmp_path / "labels.csv"
     done = subprocess.run(
         [sys.executable, "-c", PROBE, "predict", "--ensemble", str(run), "--out", str(out)]
-        + [str(tmp_path / "images")],
+        + ["--images", str(tmp_path / "images")],
         capture_output=True,
         text=True,
         timeout=600,
