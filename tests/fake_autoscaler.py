@@ -18,9 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 from helpers import free_port
 
 HEAD_TYPE = "ray.head.default"
@@ -119,3 +121,20 @@ class FakeAutoscalingCluster:
             psutil.wait_procs(processes, timeout=10)
             time.sleep(0.5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[FakeAutoscalingCluster]:
+        """Started, with this process's env pointing drivers at it, then stopped.
+
+        RAY_ADDRESS: anything that looks for "the" cluster finds this one, even where another
+        Ray runs on the machine. RAY_AUTH_MODE: drivers (the CLI's subprocesses inherit this
+        env) speak its auth mode; the session Ray's `ray.init` set `token` here, and a driver
+        inheriting that sees its trials' actors cancelled before they start."""
+        self.start()
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("RAY_ADDRESS", self.address)
+                patch.setenv("RAY_AUTH_MODE", "disabled")
+                yield self
+        finally:
+            self.shutdown()

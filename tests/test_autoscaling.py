@@ -34,14 +34,8 @@ GPU_NODE = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    """RAY_ADDRESS too: anything that looks for "the" cluster finds this one, even where
-    another Ray runs on the machine (an earlier test module's, or a developer's)."""
-    cluster = FakeAutoscalingCluster(GPU_NODE, head_cpus=0, idle_minutes=1)
-    cluster.start()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_ADDRESS", cluster.address)
+    with FakeAutoscalingCluster(GPU_NODE, head_cpus=0, idle_minutes=1).running() as cluster:
         yield cluster
-    cluster.shutdown()
 
 
 def worker_nodes(address: str) -> int:
@@ -69,6 +63,8 @@ def tuned(cluster, tmp_path_factory):
         *("--storage", str(storage), "--name", "cold", "--address", cluster.address),
     )
     assert_ok(result)
+    errors = sorted((storage / "cold").rglob("error.txt"))  # a trial's traceback, if any
+    assert not errors, (errors[0].read_text()[-1500:], result.stdout[-6000:])
     return storage / "cold", workers_before, result
 
 

@@ -95,15 +95,8 @@ def test_gpu_trial_on_the_embedded_local_ray_exits_2_before_queueing(tmp_path, m
 
 @pytest.fixture(scope="module")
 def cpu_only_cluster():
-    """Its drivers run in the auth mode it started with: the session Ray's `ray.init` set
-    RAY_AUTH_MODE=token in this process, and a driver inheriting it saw its trials' actors
-    cancelled before they started."""
-    cluster = FakeAutoscalingCluster(CPU_NODES, head_cpus=0, idle_minutes=1)
-    cluster.start()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")
+    with FakeAutoscalingCluster(CPU_NODES, head_cpus=0, idle_minutes=1).running() as cluster:
         yield cluster
-    cluster.shutdown()
 
 
 @pytest.mark.cluster
