@@ -28,7 +28,7 @@ _WHERE = {
     "PredictResult": "ar_ray.labelling",
     "TrainResult": "ar_ray.training",
     "SavedEnsemble": "ar_ray.saved_ensemble",
-    "RunConfig": "ar_ray.config",
+    "RecipeConfig": "ar_ray.config",
     "load_search_space": "ar_ray.search_space",
     "load_dataset": "ar_ray.data",
     "UserError": "ar_ray.errors",
@@ -36,7 +36,7 @@ _WHERE = {
 __all__ = [
     "EnsembleResult",
     "PredictResult",
-    "RunConfig",
+    "RecipeConfig",
     "SavedEnsemble",
     "TrainResult",
     "TuneResult",
@@ -52,7 +52,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ar_ray.api import TuneResult, ensemble, predict, train, tune
-    from ar_ray.config import RunConfig
+    from ar_ray.config import RecipeConfig
     from ar_ray.data import load_dataset
     from ar_ray.ensembling import EnsembleResult
     from ar_ray.errors import UserError

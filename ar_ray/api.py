@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from ar_ray import storage as store
-from ar_ray.config import RunConfig, load_config
+from ar_ray.config import RecipeConfig, load_config
 from ar_ray.data import DatasetSplits, FolderListing, list_folder, load_builtin, load_listing
 from ar_ray.data.cache import CACHE_DIR
 from ar_ray.data.decode import run_on_ray
@@ -155,7 +155,7 @@ def load_splits(
 
 
 def train(
-    config: str | Path | RunConfig | None = None,
+    config: str | Path | RecipeConfig | None = None,
     *,
     rank: int = 1,
     data: str | None = None,
@@ -171,14 +171,14 @@ def train(
     """`ar-ray train`: one run of the recipe on this machine, no cluster.
 
     `config` is a YAML file (the `rank`-th config of a ranked list such as
-    best_configs.yaml), a `RunConfig`, or None for the default recipe.
+    best_configs.yaml), a `RecipeConfig`, or None for the default recipe.
     """
     from ar_ray.training import run_training
 
-    if isinstance(config, RunConfig):
+    if isinstance(config, RecipeConfig):
         base = config
     else:
-        base = load_config(Path(config), rank) if config is not None else RunConfig()
+        base = load_config(Path(config), rank) if config is not None else RecipeConfig()
     overrides = {"epochs": epochs, "seed": seed}
     base = base.replace(**{k: v for k, v in overrides.items() if v is not None})
     _positive(limit_per_class=limit_per_class)

@@ -37,7 +37,7 @@ dropped when read, here and nowhere else, so those records still load."""
 
 
 @dataclass
-class RunConfig:
+class RecipeConfig:
     """Hyperparameters of one Attract-and-Repulse run; defaults fit a few CPU minutes."""
 
     # model
@@ -141,7 +141,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RecipeConfig:
         """Build from plain data, naming the source and key of anything unknown or mistyped."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a mapping of hyperparameters")
@@ -159,12 +159,12 @@ class RunConfig:
             raise ConfigError(str(error).replace("config:", f"{source}:", 1)) from None
         return config
 
-    def replace(self, **changes: Any) -> RunConfig:
-        return RunConfig.from_dict({**self.to_dict(), **changes})
+    def replace(self, **changes: Any) -> RecipeConfig:
+        return RecipeConfig.from_dict({**self.to_dict(), **changes})
 
-    def replace_checked(self, key: str, value: Any, source: str) -> RunConfig:
+    def replace_checked(self, key: str, value: Any, source: str) -> RecipeConfig:
         """Like replace, but an invalid value is reported against `source` and `key`."""
-        return RunConfig.from_dict({**self.to_dict(), key: value}, source=f"{source}: {key}")
+        return RecipeConfig.from_dict({**self.to_dict(), key: value}, source=f"{source}: {key}")
 
 
 @functools.cache
@@ -176,8 +176,8 @@ def classification_archs() -> frozenset[str]:
 
 def hyperparameter_types() -> dict[str, type]:
     """Map each hyperparameter name to its Python type (bool, int, float or str)."""
-    hints = typing.get_type_hints(RunConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+    hints = typing.get_type_hints(RecipeConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RecipeConfig)}
 
 
 def coerce_value(key: str, value: Any, kind: type, source: str) -> Any:
@@ -212,15 +212,15 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}:{where} invalid YAML") from None
 
 
-def load_config(path: Path, rank: int = 1) -> RunConfig:
+def load_config(path: Path, rank: int = 1) -> RecipeConfig:
     """One config file, or a ranked list of them (a tune run's best_configs.yaml)."""
     values = read_yaml(path)
     if isinstance(values, list):
         if not 1 <= rank <= len(values):
             raise ConfigError(f"{path}: --rank {rank} is outside 1..{len(values)}")
-        return RunConfig.from_dict(values[rank - 1], source=f"{path}[{rank}]")
-    return RunConfig.from_dict(values or {}, source=str(path))
+        return RecipeConfig.from_dict(values[rank - 1], source=f"{path}[{rank}]")
+    return RecipeConfig.from_dict(values or {}, source=str(path))
 
 
-def save_config(config: RunConfig, path: Path) -> None:
+def save_config(config: RecipeConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 
 from ar_ray import storage
-from ar_ray.config import RunConfig, hyperparameter_types
+from ar_ray.config import RecipeConfig, hyperparameter_types
 from ar_ray.errors import UserError
 from ar_ray.resources import Resources
 from ar_ray.search_space import SearchSpace
@@ -80,12 +80,12 @@ def searched_columns(board: pd.DataFrame) -> list[str]:
     return [column for column in board.columns if column in hyperparameter_types()]
 
 
-def config_for_row(base: RunConfig, row: dict[str, Any], searched: list[str]) -> RunConfig:
+def config_for_row(base: RecipeConfig, row: dict[str, Any], searched: list[str]) -> RecipeConfig:
     """A leaderboard row back to the complete run config its trial ran."""
     return base.replace(**{key: _plain(row[key]) for key in searched})
 
 
-def best_configs_yaml(board: pd.DataFrame, space: SearchSpace, base: RunConfig) -> str:
+def best_configs_yaml(board: pd.DataFrame, space: SearchSpace, base: RecipeConfig) -> str:
     """The ranked trials as complete run configs; `ar-ray train --config` takes any of them."""
     chunks = []
     for row in finished_trials(board).head(MAX_BEST_CONFIGS).to_dict("records"):
@@ -103,7 +103,7 @@ class TuneRecord:
     """What `ar-ray ensemble` needs from a finished tune run."""
 
     request: dict[str, Any]
-    base: RunConfig
+    base: RecipeConfig
     board: pd.DataFrame
 
     @property
@@ -133,7 +133,7 @@ def load_tune_record(run: str) -> TuneRecord:
         raise UserError(f"{folder}: no {LEADERBOARD}; run `ar-ray tune` first (or --resume it)")
     record = yaml.safe_load(storage.read_text(storage.join(folder, "request.yaml")))
     board = pd.read_csv(io.StringIO(storage.read_text(storage.join(folder, LEADERBOARD))))
-    base = RunConfig.from_dict(record["base_config"], source=f"{folder}/request.yaml")
+    base = RecipeConfig.from_dict(record["base_config"], source=f"{folder}/request.yaml")
     return TuneRecord(request=record["request"], base=base, board=board)
 
 

@@ -26,7 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ar_ray import storage
 from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_labels
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
 from ar_ray.leaderboard import config_for_row, finished_trials, searched_columns
@@ -44,7 +44,7 @@ as the same recipe."""
 @dataclass(frozen=True)
 class MemberSpec:
     member_id: str
-    config: RunConfig
+    config: RecipeConfig
     trial_id: str
     tune_rank: int
     reason: str
@@ -78,7 +78,7 @@ def _unit_scale(values: np.ndarray) -> np.ndarray:
 
 def select_members(
     board: pd.DataFrame,
-    base: RunConfig,
+    base: RecipeConfig,
     count: int,
     archs: list[str] | None = None,
     seed: int = 0,
@@ -127,7 +127,7 @@ def select_members(
     return members
 
 
-def make_member_id(number: int, trial_id: str, config: RunConfig) -> str:
+def make_member_id(number: int, trial_id: str, config: RecipeConfig) -> str:
     """Readable (pick, backbone, trial, seed) plus a hash of the whole resolved config:
     `--resume` reuses a member only if it was trained exactly so, epochs included, and a
     changed config trains a new member instead of reusing a stale one."""
@@ -138,7 +138,7 @@ def make_member_id(number: int, trial_id: str, config: RunConfig) -> str:
 def member_train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Train worker: the engine joins DDP because Train set up the process group."""
     quiet_train_reports()
-    config = RunConfig.from_dict(loop_config["config"])
+    config = RecipeConfig.from_dict(loop_config["config"])
     splits = ray.get(loop_config["splits"])
     context = ray.train.get_context()
     progress: ProgressHandle | None = loop_config.get("progress")  # None: called directly

@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ar_ray import staged, storage
 from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_labels
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import Interrupted, UserError
 from ar_ray.leaderboard import (
@@ -116,7 +116,7 @@ def optuna_states(path: str) -> dict[str, str]:
 
 def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, Any]) -> None:
     """One Tune trial: fit the sampled config, report and checkpoint every epoch."""
-    config = RunConfig.from_dict({**base, **params})
+    config = RecipeConfig.from_dict({**base, **params})
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -154,7 +154,7 @@ def experiment_dir(request: TuneRequest) -> str:
     return storage.join(experiment_root(request), TUNE_DIR)
 
 
-def trial_trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest):
+def trial_trainable(splits: DatasetSplits, base: RecipeConfig, request: TuneRequest):
     """run_trial with train+val shared through the object store and per-trial resources."""
     trainable = tune.with_parameters(run_trial, splits=splits.for_training(), base=base.to_dict())
     resources = trial_resources(request)
@@ -162,7 +162,7 @@ def trial_trainable(splits: DatasetSplits, base: RunConfig, request: TuneRequest
 
 
 def _build_tuner(
-    request: TuneRequest, space: SearchSpace, base: RunConfig, splits: DatasetSplits
+    request: TuneRequest, space: SearchSpace, base: RecipeConfig, splits: DatasetSplits
 ) -> tune.Tuner:
     searcher = EarlyStopAwareOptunaSearch(
         metric=METRIC,
@@ -197,7 +197,7 @@ def _build_tuner(
     )
 
 
-def base_config(request: TuneRequest, space: SearchSpace) -> RunConfig:
+def base_config(request: TuneRequest, space: SearchSpace) -> RecipeConfig:
     overrides = {"seed": request.seed}
     if request.epochs is not None:
         overrides["epochs"] = request.epochs

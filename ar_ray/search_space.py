@@ -1,4 +1,4 @@
-"""Search spaces: YAML files whose keys are RunConfig hyperparameters, fixed or sampled.
+"""Search spaces: YAML files whose keys are RecipeConfig hyperparameters, fixed or sampled.
 
     sce_alpha: {loguniform: [0.05, 5.0]}
     cr_variant: {choice: [ntxent, supcon]}
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ar_ray.config import ConfigError, RunConfig, coerce_value, hyperparameter_types, read_yaml
+from ar_ray.config import ConfigError, RecipeConfig, coerce_value, hyperparameter_types, read_yaml
 
 DOMAINS = ("uniform", "loguniform", "int", "choice")
 
@@ -41,8 +41,8 @@ class SearchSpace:
     fixed: dict[str, Any]
     searched: dict[str, Domain]
 
-    def base_config(self) -> RunConfig:
-        return RunConfig.from_dict(self.fixed, source=self.source)
+    def base_config(self) -> RecipeConfig:
+        return RecipeConfig.from_dict(self.fixed, source=self.source)
 
     def to_tune(self) -> dict[str, Any]:
         return {key: domain.to_tune() for key, domain in self.searched.items()}

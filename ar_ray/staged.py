@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ar_ray.config import ConfigError, RunConfig
+from ar_ray.config import ConfigError, RecipeConfig
 from ar_ray.search_space import SearchSpace
 
 MEAN_TEACHER_PREFIX = "mt_"
@@ -31,20 +31,20 @@ class FirstRung:
     raised_for: tuple[str, ...] = ()  # the searched staged keys that raised it
 
 
-def _upper(space: SearchSpace, base: RunConfig, key: str) -> float:
+def _upper(space: SearchSpace, base: RecipeConfig, key: str) -> float:
     """The latest value a trial may get: the upper end of a searched range."""
     domain = space.searched.get(key)
     return getattr(base, key) if domain is None else max(domain.values)
 
 
-def mean_teacher_acts_by(space: SearchSpace, base: RunConfig) -> int:
+def mean_teacher_acts_by(space: SearchSpace, base: RecipeConfig) -> int:
     """The first epoch at which every trial's Mean Teacher has run at full weight."""
     start = int(_upper(space, base, "mt_start_epoch"))
     rampup = _upper(space, base, "mt_rampup_epochs")
     return start + max(1, math.ceil(rampup))
 
 
-def first_rung(space: SearchSpace, base: RunConfig, grace_period: int) -> FirstRung:
+def first_rung(space: SearchSpace, base: RecipeConfig, grace_period: int) -> FirstRung:
     """`grace_period` (capped by the epochs), raised to when Mean Teacher has acted if any
     `mt_*` key is searched; a searched key that can never act is a one-line error."""
     epochs = base.epochs

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ar_ray.config import RunConfig, save_config
+from ar_ray.config import RecipeConfig, save_config
 from ar_ray.data import DatasetSplits
 from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info, prepare_run_dir
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -34,7 +34,7 @@ def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
 
 
 def run_training(
-    config: RunConfig,
+    config: RecipeConfig,
     splits: DatasetSplits,
     out: Path,
     *,

@@ -29,7 +29,7 @@ import pandas as pd
 from PIL import Image
 
 if TYPE_CHECKING:
-    from ar_ray.config import RunConfig
+    from ar_ray.config import RecipeConfig
 
 from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info
 
@@ -86,11 +86,11 @@ def bench_splits(limit_per_class: int | None):
 def make_checkpoint(path: Path) -> None:
     """A real member checkpoint of the default model (1 epoch on 50 images), saved the way
     the engine saves it: inference benchmarks need real weights, not good ones."""
-    from ar_ray.config import RunConfig
+    from ar_ray.config import RecipeConfig
     from ar_ray.recipe.checkpoint import save_checkpoint
     from ar_ray.recipe.engine import fit
 
-    save_checkpoint(fit(RunConfig(epochs=1), bench_splits(5)).state, path)
+    save_checkpoint(fit(RecipeConfig(epochs=1), bench_splits(5)).state, path)
 
 
 def rss_mb(field: str) -> float:
@@ -151,14 +151,14 @@ class Timing:
 
 def direct_fit(config: dict[str, Any], limit_per_class: int | None) -> dict[str, Any]:
     """`engine.fit` with no Ray at all: the baseline (run it through `run_fresh`)."""
-    from ar_ray.config import RunConfig
+    from ar_ray.config import RecipeConfig
     from ar_ray.recipe.engine import fit
 
     splits = bench_splits(limit_per_class)
     reported: list[float] = []
     started = time.perf_counter()
     result = fit(
-        RunConfig.from_dict(config),
+        RecipeConfig.from_dict(config),
         splits,
         on_epoch=lambda metrics, state: reported.append(time.perf_counter()),
     )
@@ -268,7 +268,7 @@ if __name__ == "__main__":
     Path(sys.argv[3]).write_text(json.dumps(function(**json.loads(sys.argv[2]))))
 
 
-def direct_timing(config: RunConfig, limit_per_class: int | None) -> Timing:
+def direct_timing(config: RecipeConfig, limit_per_class: int | None) -> Timing:
     """The baseline of every overhead table: `engine.fit` in a fresh 1-thread process."""
     arguments = {"config": config.to_dict(), "limit_per_class": limit_per_class}
     return Timing(**run_fresh("common:direct_fit", arguments, threads=1))

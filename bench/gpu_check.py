@@ -87,7 +87,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import RESULTS, markdown_table  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ar_ray.config import RunConfig  # noqa: E402
+from ar_ray.config import RecipeConfig  # noqa: E402
 from ar_ray.data import DatasetSplits, ImageSplit  # noqa: E402
 from ar_ray.data.size import stored_size  # noqa: E402
 from ar_ray.outputs import atomic_write_text, environment_info  # noqa: E402
@@ -270,7 +270,7 @@ def midpoint(domain: Domain) -> Any:
     return round(middle) if domain.kind == "int" else middle
 
 
-def recipe_config(sizes: Sizes) -> RunConfig:
+def recipe_config(sizes: Sizes) -> RecipeConfig:
     """ar_default.yaml at this run's size; Mean Teacher from epoch 2, so a resume into epoch
     3 carries the teacher."""
     space = load_search_space(SPACE)
@@ -284,10 +284,10 @@ def recipe_config(sizes: Sizes) -> RunConfig:
         "mt_start_epoch": 1,
         "mt_rampup_epochs": 1.0,
     }
-    return RunConfig.from_dict(values, source=str(SPACE))
+    return RecipeConfig.from_dict(values, source=str(SPACE))
 
 
-def throughput_config(sizes: Sizes, arch: str) -> RunConfig:
+def throughput_config(sizes: Sizes, arch: str) -> RecipeConfig:
     """One view, no teacher: the step NVIDIA's images/s figures describe."""
     return recipe_config(sizes).replace(
         arch=arch,
@@ -298,7 +298,7 @@ def throughput_config(sizes: Sizes, arch: str) -> RunConfig:
     )
 
 
-def ddp_config(sizes: Sizes) -> RunConfig:
+def ddp_config(sizes: Sizes) -> RecipeConfig:
     """A small member: ResNet-18 with CR on (SupCon gathers projections and labels), and no
     Mean Teacher, whose per-rank EMA copy DDP does not synchronise."""
     return recipe_config(sizes).replace(
@@ -418,7 +418,7 @@ def recipe_section(context: Context, result: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- throughput
 
 
-def synthetic_rate(config: RunConfig, sizes: Sizes, device: torch.device) -> float:
+def synthetic_rate(config: RecipeConfig, sizes: Sizes, device: torch.device) -> float:
     """images/s of forward, SCE, backward and SGD on one batch that never leaves the device:
     the model alone, the ceiling the input pipeline is judged against."""
     torch.manual_seed(config.seed)
@@ -450,7 +450,7 @@ def synthetic_rate(config: RunConfig, sizes: Sizes, device: torch.device) -> flo
 
 
 def pipeline_rate(
-    config: RunConfig, sizes: Sizes, device: torch.device, epoch_seconds: list[float]
+    config: RecipeConfig, sizes: Sizes, device: torch.device, epoch_seconds: list[float]
 ) -> float:
     """images/s of `engine.fit`'s epochs after the first (appended to `epoch_seconds` as they
     end): loader, augmentation, step and a one-batch validation, as a CUDA member trains:
@@ -681,7 +681,7 @@ def gather_gradient_error(device: torch.device, temperature: float) -> float:
     return max(errors)
 
 
-def ddp_rank_outcome(config: RunConfig, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+def ddp_rank_outcome(config: RecipeConfig, sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """What one rank checks once its process group works: a DDP fit and the gather."""
     splits = synthetic_splits(sizes.ddp_images, config.batch_size, config.image_size)
     losses: list[float] = []
@@ -728,7 +728,7 @@ def ddp_rank(
         atomic_write_text(Path(record), json.dumps(outcome))
         return
     try:
-        outcome |= ddp_rank_outcome(RunConfig.from_dict(config), sizes, device)
+        outcome |= ddp_rank_outcome(RecipeConfig.from_dict(config), sizes, device)
     except Exception as error:
         traceback.print_exc()
         outcome["error"] = f"{type(error).__name__}: {error}"[:2000]
@@ -748,7 +748,7 @@ def wait_for_ranks(processes: list[Any], records: list[Path], timeout: float) ->
 
 
 def run_ranks(
-    context: Context, backend: str, config: RunConfig, timeout: float
+    context: Context, backend: str, config: RecipeConfig, timeout: float
 ) -> list[dict[str, Any]]:
     """Start WORLD ranks with `backend` and return their records; a rank that wrote none
     gets {"no_record": why}. Ranks still running at the end (a hang, the cap) are killed."""
@@ -808,7 +808,7 @@ def ddp_checks(ranks: list[dict[str, Any]], device: torch.device) -> dict[str, b
 
 
 def ranks_with_fallback(
-    context: Context, config: RunConfig, attempts: list[dict[str, Any]]
+    context: Context, config: RecipeConfig, attempts: list[dict[str, Any]]
 ) -> tuple[str, list[dict[str, Any]]]:
     """The backend that ran and its ranks' records. nccl first on CUDA, in at most half of
     the time left, so a hanging nccl still leaves gloo (on CUDA tensors) its turn when nccl

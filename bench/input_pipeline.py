@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from common import BENCH, machine_line, paired, parse_args, spread, write_results
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import ImageSplit
 from ar_ray.data.size import stored_size
 from ar_ray.recipe.batch_augment import BatchAugment
@@ -63,9 +63,9 @@ COMPARE = {"batch": 128, "rounds": 7, "views": 3}  # views timed per side and ro
 COMPARE_QUICK = {"batch": 16, "rounds": 3, "views": 1}
 
 
-def config(policy: str, views: int, batch: int) -> RunConfig:
+def config(policy: str, views: int, batch: int) -> RecipeConfig:
     """Mid-range values of ar_default.yaml's searched augmentation; CR on gives 2 views."""
-    return RunConfig(
+    return RecipeConfig(
         image_size=IMAGE_SIZE,
         small_input=False,
         batch_size=batch,
@@ -78,7 +78,7 @@ def config(policy: str, views: int, batch: int) -> RunConfig:
     )
 
 
-def epoch_seconds(run: RunConfig, split: ImageSplit, workers: int, batched: bool) -> float:
+def epoch_seconds(run: RecipeConfig, split: ImageSplit, workers: int, batched: bool) -> float:
     """One epoch through the loader (and the batched augmenter), after a warm-up epoch."""
     loader, augment = _train_loader(run, split, 0, 1, workers, batched)
     seconds = 0.0
@@ -111,7 +111,7 @@ def previous_batch_augment() -> ModuleType:
     return module
 
 
-def counted_previous(run: RunConfig, module: ModuleType) -> Any:
+def counted_previous(run: RecipeConfig, module: ModuleType) -> Any:
     """The old BatchAugment, its policy counting op calls in `op_calls` as the new one does
     (the old path made one v2 op call per group of images with the same (op, magnitude))."""
     augment = module.BatchAugment(run, views=1)

@@ -46,7 +46,7 @@ from common import (
     write_results,
 )
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data.size import stored_size
 from ar_ray.ensembling import EnsembleRequest
 from ar_ray.labelling import pool_file
@@ -98,8 +98,8 @@ def build_ensemble(run: Path) -> None:
         temperature=1.0,
         tta=TTA,
         classes=list(bench_splits(5).classes),
-        image_size=RunConfig().image_size,  # make_checkpoint's
-        stored_size=stored_size(RunConfig().image_size),  # as `ensemble` records it
+        image_size=RecipeConfig().image_size,  # make_checkpoint's
+        stored_size=stored_size(RecipeConfig().image_size),  # as `ensemble` records it
         request=asdict(request),
         env=environment_info(),
     ).save(run / ENSEMBLE_DIR)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import ImageSplit, load_dataset
 from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.metrics import top_k_accuracy
@@ -42,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = Path("runs/bench/recipe_ablation")
 
 
-def variant_config(name: str, epochs: int, seed: int) -> RunConfig:
+def variant_config(name: str, epochs: int, seed: int) -> RecipeConfig:
     """The default config with one part switched on at a time; MT starts mid-schedule."""
     changes = {
         "CE": {"sce_alpha": 1.0, "sce_beta": 0.0, "cr_weight": 0.0},
@@ -50,7 +50,7 @@ def variant_config(name: str, epochs: int, seed: int) -> RunConfig:
         "SCE+CR": {},
         "SCE+CR+MT": {"mt_weight": 1.0, "mt_start_epoch": epochs // 2},
     }[name]
-    return RunConfig(**changes, epochs=epochs, seed=seed)
+    return RecipeConfig(**changes, epochs=epochs, seed=seed)
 
 
 def whole_split_probabilities(model: torch.nn.Module, split: ImageSplit, size: int, tta: str):
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--no-report", action="store_true", help="train only")
     parser.add_argument("--report-only", action="store_true", help="use saved runs only")
     args = parser.parse_args()
-    splits = load_dataset(None, RunConfig().image_size)
+    splits = load_dataset(None, RecipeConfig().image_size)
     if not args.report_only:
         for seed in args.seeds:
             for name in VARIANTS:

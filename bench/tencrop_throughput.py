@@ -148,7 +148,7 @@ def main() -> None:
     }
     notes = [
         machine_line(
-            f"Default RunConfig model (ResNet-18, stride-2 stem, 28 px), 1-epoch weights, "
+            f"Default RecipeConfig model (ResNet-18, stride-2 stem, 28 px), 1-epoch weights, "
             f"{count} and {4 * count} built-in test images, chunks of 64, one thread per "
             "process (local runs: fresh process with OMP_NUM_THREADS=1; actors: 1 CPU each)."
         ),

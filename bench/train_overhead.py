@@ -36,7 +36,7 @@ from common import (
     write_results,
 )
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.members import MemberSpec, TrainOptions, member_dir, train_member
 
@@ -70,7 +70,9 @@ def timed_member_loop(stamps_file: str) -> Callable[[dict[str, Any]], None]:
     return loop
 
 
-def member_timing(config: RunConfig, splits: DatasetSplits, root: str, ray_init: float) -> Timing:
+def member_timing(
+    config: RecipeConfig, splits: DatasetSplits, root: str, ray_init: float
+) -> Timing:
     spec = MemberSpec("bench", config, trial_id="none", tune_rank=1, reason="benchmark")
     stamps = Path(root) / "stamps.json"
     started = time.perf_counter()
@@ -85,7 +87,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     limit, epochs = (10, 2) if args.quick else (None, 4)
     splits = bench_splits(limit)
-    config = RunConfig(epochs=epochs)
+    config = RecipeConfig(epochs=epochs)
     direct = direct_timing(config, limit)
     ray_init = start_ray()
     with tempfile.TemporaryDirectory() as root:
@@ -93,7 +95,7 @@ def main() -> None:
     table = overhead_table(direct, in_train, "torch_trainer", ray_init)
     notes = [
         machine_line(
-            f"Default RunConfig, {epochs} epochs, {len(splits.train)} train / "
+            f"Default RecipeConfig, {epochs} epochs, {len(splits.train)} train / "
             f"{len(splits.val)} val images, 1 thread both ways (direct: fresh process with "
             "OMP_NUM_THREADS=1; Train: 1 worker, 1 CPU)."
         ),

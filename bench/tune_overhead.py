@@ -37,7 +37,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.leaderboard import leaderboard
 from ar_ray.search import (
@@ -65,7 +65,9 @@ def trial_timing(experiment: str, wall: float) -> Timing:
     return Timing(epochs, intervals, wall)
 
 
-def single_trial(config: RunConfig, splits: DatasetSplits, root: Path, ray_init: float) -> Timing:
+def single_trial(
+    config: RecipeConfig, splits: DatasetSplits, root: Path, ray_init: float
+) -> Timing:
     """`config` as a one-trial Tune run on one CPU (a one-value `seed` is the only 'search')."""
     space = parse_search_space({**config.to_dict(), "seed": {"choice": [config.seed]}}, "bench")
     request = TuneRequest(
@@ -139,7 +141,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     limit, epochs, trials, search_epochs = (10, 2, 4, 2) if args.quick else (None, 4, 12, 4)
     splits = bench_splits(limit)
-    config = RunConfig(epochs=epochs)
+    config = RecipeConfig(epochs=epochs)
     direct = direct_timing(config, limit)
     ray_init = start_ray()
     with tempfile.TemporaryDirectory() as folder:
@@ -153,7 +155,7 @@ def main() -> None:
     }
     notes = [
         machine_line(
-            f"(a) default RunConfig, {epochs} epochs, {len(splits.train)} train / "
+            f"(a) default RecipeConfig, {epochs} epochs, {len(splits.train)} train / "
             f"{len(splits.val)} val images, 1 thread both ways (direct: fresh process with "
             f"OMP_NUM_THREADS=1; Tune: one 1-CPU trial). (b) search_spaces/quick.yaml, "
             f"{trials} trials x up to {search_epochs} epochs, seed 0, 2 trials at a time."

@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data.size import stored_size
 from ar_ray.recipe.augment import (
     AugmentedViews,
@@ -127,7 +127,7 @@ def test_no_tta_scores_the_whole_stored_image_scaled_to_the_model_size():
 
 
 def test_train_transform_and_two_views_of_a_read_only_shared_array():
-    config = RunConfig(image_size=24, policy="randaugment", erasing_p=1.0)
+    config = RecipeConfig(image_size=24, policy="randaugment", erasing_p=1.0)
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
     images.flags.writeable = False  # as numpy arrays come out of Ray's object store
     original = images.copy()
@@ -141,7 +141,7 @@ def test_train_transform_and_two_views_of_a_read_only_shared_array():
 
 
 def test_a_sample_is_seeded_by_its_epoch_and_index_not_by_the_process_rng():
-    config = RunConfig(image_size=24, policy="trivialaugment")
+    config = RecipeConfig(image_size=24, policy="trivialaugment")
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
     dataset = AugmentedViews(images, np.arange(4), build_train_transform(config), 1, seed=5)
     torch.manual_seed(1)
@@ -157,7 +157,7 @@ def test_a_sample_is_seeded_by_its_epoch_and_index_not_by_the_process_rng():
 
 def test_mixer_shares_partner_and_lambda_across_views():
     torch.manual_seed(0)
-    config = RunConfig(mixup_alpha=1.0)
+    config = RecipeConfig(mixup_alpha=1.0)
     mix = build_batch_mixer(config, num_classes=3)
     views = torch.rand(6, 1, 3, 8, 8).repeat(1, 2, 1, 1, 1)  # identical twins
     mixed, targets = mix(views, torch.tensor([0, 1, 2, 0, 1, 2]))
@@ -167,7 +167,7 @@ def test_mixer_shares_partner_and_lambda_across_views():
 
 
 def test_mixer_off_returns_one_hot():
-    mix = build_batch_mixer(RunConfig(), num_classes=3)
+    mix = build_batch_mixer(RecipeConfig(), num_classes=3)
     views = torch.rand(2, 1, 3, 8, 8)
     same, targets = mix(views, torch.tensor([2, 0]))
     assert same is views and targets.tolist() == [[0, 0, 1], [1, 0, 0]]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.recipe.augment import build_train_transform
 from ar_ray.recipe.batch_augment import BatchAugment
 
@@ -39,14 +39,14 @@ def coordinate_image() -> torch.Tensor:
     ).to(torch.uint8)
 
 
-def per_image(config: RunConfig, count: int) -> torch.Tensor:
+def per_image(config: RecipeConfig, count: int) -> torch.Tensor:
     torch.manual_seed(0)
     transform = build_train_transform(config)
     image = coordinate_image()
     return torch.stack([transform(image) for _ in range(count)])
 
 
-def batched(config: RunConfig, count: int, batch: int = 250) -> torch.Tensor:
+def batched(config: RecipeConfig, count: int, batch: int = 250) -> torch.Tensor:
     augment = BatchAugment(config, views=1)
     generator = torch.Generator().manual_seed(0)
     images = coordinate_image().expand(batch, -1, -1, -1)
@@ -79,7 +79,7 @@ def measurements(out: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def test_crops_flips_and_erasing_match_the_per_image_distributions():
-    config = RunConfig(image_size=OUT, rrc_scale_min=0.25, erasing_p=0.3)
+    config = RecipeConfig(image_size=OUT, rrc_scale_min=0.25, erasing_p=0.3)
     reference, candidate = (
         measurements(per_image(config, 1500)),
         measurements(batched(config, 1500)),
@@ -134,7 +134,7 @@ def op_statistics(ops: list[str], magnitudes: torch.Tensor, draws: int) -> dict[
 SLOTS = {"randaugment": 2, "trivialaugment": 1, "autoaugment": 2}
 
 
-def reference_draws(config: RunConfig, count: int) -> tuple[list[str], torch.Tensor]:
+def reference_draws(config: RecipeConfig, count: int) -> tuple[list[str], torch.Tensor]:
     policy = build_train_transform(config).transforms[-1]
     calls = record_draws(policy)
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def reference_draws(config: RunConfig, count: int) -> tuple[list[str], torch.Ten
     return [op for op, _ in calls], torch.tensor([m for _, m in calls], dtype=torch.float64)
 
 
-def candidate_draws(config: RunConfig, count: int) -> tuple[list[str], torch.Tensor]:
+def candidate_draws(config: RecipeConfig, count: int) -> tuple[list[str], torch.Tensor]:
     policy = BatchAugment(config, views=1).policy
     slots = policy.draw(count, OUT, torch.Generator().manual_seed(0))
     ops = [policy.ops[index] for index in torch.cat([op for op, _ in slots]).tolist()]
@@ -159,7 +159,7 @@ def test_policy_draws_match_the_per_image_distribution(policy):
     and exact for fixed magnitudes (RandAugment's), so a constant magnitude, a lost sign
     flip or a wrong table fails.
     """
-    config = RunConfig(image_size=OUT, policy=policy, hflip=False, erasing_p=0.0)
+    config = RecipeConfig(image_size=OUT, policy=policy, hflip=False, erasing_p=0.0)
     reference_count, candidate_count = 8000, 40000
     reference = op_statistics(
         *reference_draws(config, reference_count), reference_count * SLOTS[policy]
@@ -201,7 +201,7 @@ def test_each_image_gets_exactly_the_per_image_op_result(policy):
     """Known ops and magnitudes on distinct images, one batch: every output row equals the
     per-image v2 op on the same input row, bit for bit (the batched maths replicates v2's
     float32 arithmetic, fused multiply-adds included, and samples the same grid)."""
-    config = RunConfig(image_size=OUT, policy=policy)
+    config = RecipeConfig(image_size=OUT, policy=policy)
     batched_policy = BatchAugment(config, views=1).policy
     reference = batched_policy.policy  # the per-image pipeline's own v2 module
     ops, magnitudes = known_draws(batched_policy, OUT)
@@ -224,14 +224,14 @@ def test_each_image_gets_exactly_the_per_image_op_result(policy):
 
 
 def test_trivialaugment_makes_at_most_16_op_calls_per_view_at_batch_128():
-    augment = BatchAugment(RunConfig(image_size=OUT, policy="trivialaugment"), views=2)
+    augment = BatchAugment(RecipeConfig(image_size=OUT, policy="trivialaugment"), views=2)
     images = torch.randint(0, 256, (128, 3, STORED, STORED), dtype=torch.uint8)
     augment(images, torch.Generator().manual_seed(0))
     assert 0 < augment.policy.op_calls <= 2 * 16
 
 
 def test_views_are_independent_draws_in_the_loaders_layout():
-    config = RunConfig(image_size=OUT, policy="randaugment")
+    config = RecipeConfig(image_size=OUT, policy="randaugment")
     augment = BatchAugment(config, views=2)
     images = coordinate_image().expand(8, -1, -1, -1)
     views = augment(images, torch.Generator().manual_seed(1))
@@ -261,7 +261,7 @@ def test_a_view_copies_to_the_device_once_and_reads_nothing_back(policy):
     there never waits for a GPU; and each view crosses to the device in exactly one copy
     (`.to(device)` of a CPU tensor shows up here; `torch.tensor(list, device=...)` would
     not, as it copies below the dispatcher, so the module builds none)."""
-    augment = BatchAugment(RunConfig(image_size=OUT, policy=policy, erasing_p=0.25), views=2)
+    augment = BatchAugment(RecipeConfig(image_size=OUT, policy=policy, erasing_p=0.25), views=2)
     images = torch.empty(16, 3, STORED, STORED, dtype=torch.uint8, device="meta")
     with CrossDeviceOps() as mode:
         views = augment(images, torch.Generator().manual_seed(0))

@@ -1,13 +1,13 @@
-"""RunConfig: YAML round trip and errors that name the key."""
+"""RecipeConfig: YAML round trip and errors that name the key."""
 
 import pytest
 
-from ar_ray.config import ConfigError, RunConfig, load_config, save_config
+from ar_ray.config import ConfigError, RecipeConfig, load_config, save_config
 from ar_ray.search_space import parse_search_space
 
 
 def test_yaml_round_trip(tmp_path):
-    config = RunConfig(arch="resnet34", sce_alpha=0.1, cr_variant="supcon", seed=7)
+    config = RecipeConfig(arch="resnet34", sce_alpha=0.1, cr_variant="supcon", seed=7)
     save_config(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
 
@@ -36,7 +36,7 @@ def test_bad_config_names_file_and_key(tmp_path, text, fragment):
 
 
 def test_yaml_integers_are_accepted_for_floats():
-    assert RunConfig.from_dict({"lr": 1}).lr == 1.0
+    assert RecipeConfig.from_dict({"lr": 1}).lr == 1.0
 
 
 def test_loader_workers_is_no_hyperparameter_but_old_records_still_load(tmp_path):

@@ -64,10 +64,10 @@ def test_the_driver_is_outside_ray(ray_cluster):
 
 def test_a_cpu_fit_never_pins_memory_even_where_cuda_is_visible(monkeypatch, small_splits):
     """Pinning opens a CUDA context on GPU 0: only a fit that trains on CUDA may pin."""
-    from ar_ray.config import RunConfig
+    from ar_ray.config import RecipeConfig
     from ar_ray.recipe.engine import _Run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 0-GPU process on a GPU node
-    config = RunConfig(image_size=28, arch="resnet18", small_input=True, batch_size=8)
+    config = RecipeConfig(image_size=28, arch="resnet18", small_input=True, batch_size=8)
     run = _Run(config, small_splits, torch.device("cpu"), loader_workers=0, batch_augment=False)
     assert run.loader.pin_memory is False

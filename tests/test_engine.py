@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits, ImageSplit
 from ar_ray.recipe.augment import build_batch_mixer
 from ar_ray.recipe.checkpoint import inference_model
@@ -17,7 +17,7 @@ from ar_ray.recipe.engine import evaluate, fit, teacher_views, view_major, views
 
 @pytest.mark.slow
 def test_default_run_reaches_70_percent_test_top1(builtin_splits):
-    config = RunConfig()
+    config = RecipeConfig()
     assert config.epochs <= 10
     result = fit(config, builtin_splits)
     assert [m["epoch"] for m in result.history] == list(range(1, config.epochs + 1))
@@ -33,7 +33,7 @@ def _snapshot(state):
 
 
 def test_resume_from_epoch_two_matches_uninterrupted_run(small_splits):
-    config = RunConfig(
+    config = RecipeConfig(
         epochs=3, batch_size=16, mt_weight=1.0, mt_start_epoch=1, mixup_alpha=0.4, seed=3
     )
     saved = {}
@@ -57,7 +57,7 @@ def test_resume_from_epoch_two_matches_uninterrupted_run(small_splits):
 
 
 def test_different_seeds_give_different_weights(small_splits):
-    config = RunConfig(epochs=1, batch_size=16, cr_weight=0.0)
+    config = RecipeConfig(epochs=1, batch_size=16, cr_weight=0.0)
     first = fit(config, small_splits).state["model"]
     second = fit(config.replace(seed=1), small_splits).state["model"]
     assert not torch.equal(first["classifier.weight"], second["classifier.weight"])
@@ -77,7 +77,7 @@ def test_fit_and_evaluate_take_read_only_arrays_as_trials_get_them(small_splits)
         test=None,
         classes=small_splits.classes,
     )
-    config = RunConfig(epochs=1, batch_size=16)
+    config = RecipeConfig(epochs=1, batch_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fit(config, shared)
@@ -90,7 +90,7 @@ def test_fit_and_evaluate_take_read_only_arrays_as_trials_get_them(small_splits)
 @pytest.mark.parametrize("mixer", ["mixup", "cutmix"])
 @pytest.mark.parametrize("cr_weight", [0.0, 0.1])
 def test_teacher_sees_other_noise_with_the_students_mix_partner_and_target(mixer, cr_weight):
-    config = RunConfig(
+    config = RecipeConfig(
         cr_weight=cr_weight,
         mt_weight=1.0,
         mixup_alpha=1.0 if mixer == "mixup" else 0.0,
@@ -121,15 +121,15 @@ def test_teacher_sees_other_noise_with_the_students_mix_partner_and_target(mixer
 
 
 def test_mean_teacher_draws_its_own_view_and_off_it_does_not():
-    assert views_per_image(RunConfig(cr_weight=0.0, mt_weight=0.0)) == 1
-    assert views_per_image(RunConfig(cr_weight=0.0, mt_weight=0.5)) == 2
-    assert views_per_image(RunConfig(cr_weight=0.1, mt_weight=0.0)) == 2
+    assert views_per_image(RecipeConfig(cr_weight=0.0, mt_weight=0.0)) == 1
+    assert views_per_image(RecipeConfig(cr_weight=0.0, mt_weight=0.5)) == 2
+    assert views_per_image(RecipeConfig(cr_weight=0.1, mt_weight=0.0)) == 2
 
 
 def test_loader_workers_do_not_change_the_weights(small_splits):
     """Persistent workers never reseed: every draw must come from (seed, epoch, index)."""
     tiny = small_splits.limit_per_class(3)
-    config = RunConfig(epochs=2, batch_size=8, policy="randaugment", mixup_alpha=0.4, seed=2)
+    config = RecipeConfig(epochs=2, batch_size=8, policy="randaugment", mixup_alpha=0.4, seed=2)
     in_process = fit(config, tiny, loader_workers=0).state["model"]
     two_workers = fit(config, tiny, loader_workers=2).state["model"]
     for key, value in in_process.items():
@@ -138,7 +138,7 @@ def test_loader_workers_do_not_change_the_weights(small_splits):
 
 def test_batched_augmentation_trains_and_resumes_exactly(small_splits):
     tiny = small_splits.limit_per_class(3)
-    config = RunConfig(epochs=2, batch_size=8, policy="autoaugment", erasing_p=0.5, seed=4)
+    config = RecipeConfig(epochs=2, batch_size=8, policy="autoaugment", erasing_p=0.5, seed=4)
     saved = {}
 
     def keep(metrics, state):
@@ -151,7 +151,7 @@ def test_batched_augmentation_trains_and_resumes_exactly(small_splits):
         assert torch.equal(value, resumed.state["model"][key]), key
 
 
-def _crop_areas(config: RunConfig, split: ImageSplit, batched: bool) -> torch.Tensor:
+def _crop_areas(config: RecipeConfig, split: ImageSplit, batched: bool) -> torch.Tensor:
     """The stored-image area share of every crop one epoch of the engine's loader serves,
     through the per-image transform or through its batched augmenter; read back from
     images whose channels 0 and 1 encode x and y (4 * coordinate + 2)."""
@@ -183,7 +183,7 @@ def test_batched_and_per_image_paths_crop_alike():
         np.zeros(count, np.int64),
         [str(i) for i in range(count)],
     )
-    config = RunConfig(
+    config = RecipeConfig(
         image_size=32, batch_size=64, rrc_scale_min=0.25, hflip=False, erasing_p=0.0, seed=5
     )
     deciles = torch.linspace(0.1, 0.9, 9)

@@ -260,9 +260,9 @@ def test_member_resumes_from_its_checkpoint_after_an_injected_failure(
             marker.write_text(str(epoch))
         member_train_loop(loop_config)
 
-    from ar_ray.config import RunConfig
+    from ar_ray.config import RecipeConfig
 
-    spec = MemberSpec("flaky", RunConfig(epochs=2, batch_size=16), "t0", 1, "test")
+    spec = MemberSpec("flaky", RecipeConfig(epochs=2, batch_size=16), "t0", 1, "test")
     options = TrainOptions(root=str(tmp_path), workers_per_member=2)
     last = train_member(spec, ray.put(small_splits), options, train_loop=flaky_loop)
     assert marker.read_text() == "1"

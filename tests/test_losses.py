@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.recipe.augment import build_batch_mixer
 from ar_ray.recipe.losses import (
     contrastive_regularization,
@@ -157,7 +157,7 @@ def test_supcon_positive_class_is_what_most_of_the_mixed_pixels_show(kind):
     labels = torch.tensor([3, 0, 2, 1])
     sources = torch.eye(4)[:, :, None, None].expand(4, 4, 15, 15)  # odd area: no exact halves
     views = torch.stack([sources, sources], dim=1)  # [B, V, C, H, W] as the engine mixes
-    mix = build_batch_mixer(RunConfig(**{kind: 1.0}), num_classes=5)
+    mix = build_batch_mixer(RecipeConfig(**{kind: 1.0}), num_classes=5)
     own_shares = []
     for seed in range(20):
         torch.manual_seed(seed)

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.errors import UserError
 from ar_ray.members import make_member_id, select_members
 
@@ -23,7 +23,7 @@ def _board():
 
 
 def test_picks_the_best_then_skips_near_copies():
-    members = select_members(_board(), RunConfig(epochs=3), count=2)
+    members = select_members(_board(), RecipeConfig(epochs=3), count=2)
     assert [m.trial_id for m in members] == ["a", "c"]
     assert members[1].config.policy == "trivialaugment" and members[1].config.epochs == 3
     assert "distance" in members[1].reason and "best" in members[0].reason
@@ -31,13 +31,13 @@ def test_picks_the_best_then_skips_near_copies():
 
 
 def test_tops_up_by_rank_when_few_configs_are_far_apart():
-    members = select_members(_board(), RunConfig(), count=4)
+    members = select_members(_board(), RecipeConfig(), count=4)
     assert [m.trial_id for m in members] == ["a", "c", "d", "b"]
     assert "topped up" in members[-1].reason
 
 
 def test_archs_spread_members_over_backbones_even_beyond_the_trials():
-    members = select_members(_board(), RunConfig(), count=6, archs=["resnet18", "resnet34"])
+    members = select_members(_board(), RecipeConfig(), count=6, archs=["resnet18", "resnet34"])
     assert [m.config.arch for m in members] == ["resnet18", "resnet34"] * 3
     assert len({m.member_id for m in members}) == 6
 
@@ -45,17 +45,17 @@ def test_archs_spread_members_over_backbones_even_beyond_the_trials():
 @pytest.mark.parametrize("count, message", [(0, "--members=0"), (5, "has 4 finished")])
 def test_impossible_member_counts_are_user_errors(count, message):
     with pytest.raises(UserError, match=message):
-        select_members(_board(), RunConfig(), count=count)
+        select_members(_board(), RecipeConfig(), count=count)
 
 
 def test_member_id_covers_the_whole_config_epochs_and_seed_included():
-    short, again = (select_members(_board(), RunConfig(epochs=3), count=2) for _ in range(2))
-    longer = select_members(_board(), RunConfig(epochs=4), count=2)
-    other_seed = select_members(_board(), RunConfig(epochs=3), count=2, seed=7)
+    short, again = (select_members(_board(), RecipeConfig(epochs=3), count=2) for _ in range(2))
+    longer = select_members(_board(), RecipeConfig(epochs=4), count=2)
+    other_seed = select_members(_board(), RecipeConfig(epochs=3), count=2, seed=7)
     assert [m.member_id for m in short] == [m.member_id for m in again]  # stable: --resume
     assert short[0].member_id.startswith("m1-resnet18-a-s0-")
     for changed in (longer, other_seed):
         assert not {m.member_id for m in short} & {m.member_id for m in changed}
-    assert make_member_id(0, "a", RunConfig(epochs=3)) != make_member_id(
-        0, "a", RunConfig(epochs=3, lr=0.2)
+    assert make_member_id(0, "a", RecipeConfig(epochs=3)) != make_member_id(
+        0, "a", RecipeConfig(epochs=3, lr=0.2)
     )

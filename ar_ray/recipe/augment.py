@@ -17,14 +17,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data.size import stored_size
 from ar_ray.recipe.sampling import SAMPLE, mixed_seed
 
 CROPS_PER_IMAGE = {"none": 1, "center": 1, "tencrop": 10}
 
 
-def build_train_transform(config: RunConfig) -> v2.Compose:
+def build_train_transform(config: RecipeConfig) -> v2.Compose:
     """The per-image pipeline; `magnitude`/`num_ops` shape RandAugment, the others are fixed."""
     steps: list[nn.Module] = [
         v2.RandomResizedCrop(config.image_size, scale=(config.rrc_scale_min, 1.0), antialias=True)
@@ -39,7 +39,7 @@ def build_train_transform(config: RunConfig) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def build_policy(config: RunConfig) -> nn.Module | None:
+def build_policy(config: RecipeConfig) -> nn.Module | None:
     """The configured policy; the batched device path applies the same object's ops."""
     policy = {
         "none": None,
@@ -92,7 +92,7 @@ class AugmentedViews(Dataset):
 BatchMixer = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def build_batch_mixer(config: RunConfig, num_classes: int) -> BatchMixer:
+def build_batch_mixer(config: RecipeConfig, num_classes: int) -> BatchMixer:
     """Mixup/CutMix over [B, V, C, H, W] float batches; returns soft targets [B, K].
 
     The views of one image are stacked on the channel axis before mixing so they share the

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.recipe.augment import build_train_transform
 
 ATTEMPTS = 10  # box draws per image before the central fallback, as in torchvision
@@ -492,7 +492,7 @@ class BatchAugment:
     the images' device.
     """
 
-    def __init__(self, config: RunConfig, views: int) -> None:
+    def __init__(self, config: RecipeConfig, views: int) -> None:
         transform = build_train_transform(config)
         self.crop: v2.RandomResizedCrop = _step(transform, v2.RandomResizedCrop)
         self.hflip = _step(transform, v2.RandomHorizontalFlip) is not None

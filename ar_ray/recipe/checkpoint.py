@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.errors import UserError
 from ar_ray.outputs import atomic_save
 from ar_ray.recipe.models import ARNet
@@ -48,7 +48,7 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
 
 def inference_model(state: dict[str, Any], source: str = "checkpoint") -> ARNet:
     """The model to serve: the Mean Teacher when one was trained, else the student."""
-    config = RunConfig.from_dict(state["config"], source=source)
+    config = RecipeConfig.from_dict(state["config"], source=source)
     model = ARNet(config, state["num_classes"])
     teacher = state.get("teacher")
     load_weights(model, teacher["module"] if teacher else state["model"], source)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits, ImageSplit
 from ar_ray.recipe.augment import (
     CROPS_PER_IMAGE,
@@ -72,7 +72,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _optimizer(config: RecipeConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
@@ -84,7 +84,7 @@ def _optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def _seed_epoch(config: RunConfig, epoch: int, rank: int) -> None:
+def _seed_epoch(config: RecipeConfig, epoch: int, rank: int) -> None:
     """Reseed the training process's RNG (Mixup/CutMix draws) from (seed, epoch, rank).
 
     An epoch is then a pure function of the weights and optimiser state it starts from, so
@@ -94,7 +94,7 @@ def _seed_epoch(config: RunConfig, epoch: int, rank: int) -> None:
     torch.manual_seed((config.seed * 1_000_003 + epoch * 7_919 + rank) % (2**63))
 
 
-def views_per_image(config: RunConfig) -> int:
+def views_per_image(config: RecipeConfig) -> int:
     """Independent augmentations drawn per image: two feed contrastive regularisation, and
     Mean Teacher needs a view of its own so teacher and student see different noise.
 
@@ -124,7 +124,7 @@ def teacher_views(views: Tensor, student_count: int) -> Tensor:
 
 
 def _train_loader(
-    config: RunConfig,
+    config: RecipeConfig,
     split: ImageSplit,
     rank: int,
     world: int,
@@ -195,7 +195,7 @@ class _Run:
 
     def __init__(
         self,
-        config: RunConfig,
+        config: RecipeConfig,
         splits: DatasetSplits,
         device: torch.device,
         loader_workers: int,
@@ -344,7 +344,7 @@ class _Run:
 
 
 def fit(
-    config: RunConfig,
+    config: RecipeConfig,
     splits: DatasetSplits,
     *,
     on_epoch: EpochCallback | None = None,

@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from ar_ray.config import RunConfig
+from ar_ray.config import RecipeConfig
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -42,7 +42,7 @@ class ARNet(nn.Module):
     so a checkpoint alone is enough to serve predictions.
     """
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
+    def __init__(self, config: RecipeConfig, num_classes: int) -> None:
         super().__init__()
         self.backbone = torchvision.models.get_model(config.arch, weights=None)
         if config.small_input:
