@@ -56,7 +56,7 @@ def quiet_train_reports() -> None:
     Call it at the top of the train loop: the line is logged by every worker process on
     every `ray.train.report`, so it must be set in each of them, and the loop is the code
     that runs in all of them. Train's documented knob,
-    `RecipeConfig(logging_config=LoggingConfig(log_level="WARNING"))`, does not reach this line
+    `ray.train.RunConfig(logging_config=LoggingConfig(log_level="WARNING"))`, misses this line
     (tried on Ray 2.60): Ray names that module's logger after its file path
     (`logging.getLogger(__file__)`), outside the `ray.train` hierarchy the knob filters, so
     the record goes to the root logger at INFO. Raising that one logger, found by the same
