@@ -221,14 +221,17 @@ def tune(
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    verbose: bool = False,
 ) -> TuneResult:
     """`ar-ray tune`: Optuna (TPE) proposes configs of `space`, ASHA stops weak trials.
 
     Defaults: 16 trials, the space's epochs, 1 CPU and 0 GPUs per trial, grace period 1,
-    2 retries per failed trial, seed 0; outputs under `<storage>/<name>`.
+    2 retries per failed trial, seed 0; outputs under `<storage>/<name>`. A line per trial
+    epoch is printed; `verbose` adds Ray's own output (Tune's boxes, workers' notices).
     """
     from ar_ray.cluster import connect
     from ar_ray.feasibility import Demand, failing_fast
+    from ar_ray.ray_output import ray_output
     from ar_ray.search import (
         TuneRequest,
         base_config,
@@ -286,7 +289,8 @@ def tune(
     else:  # a searched key that can never act fails here, before Ray starts
         request = resolve_first_rung(request, loaded)
     embedded = connect(address)
-    with failing_fast([Demand("trial", "trial", trial_resources(request))], embedded):
+    trial_demand = [Demand("trial", "trial", trial_resources(request))]
+    with failing_fast(trial_demand, embedded), ray_output(verbose):
         splits = load_splits(
             listing,
             base_config(request, loaded).image_size,
@@ -294,7 +298,7 @@ def tune(
             limit_per_class=request.limit_per_class,
             experiment=experiment_root(request),
         )
-        board = run_tune(request, loaded, splits, resume=resume)
+        board = run_tune(request, loaded, splits, resume=resume, verbose=verbose)
     return TuneResult(leaderboard=board, run=experiment_root(request))
 
 
@@ -317,18 +321,21 @@ def ensemble(
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    verbose: bool = False,
 ) -> EnsembleResult:
     """`ar-ray ensemble`: train the tune run's best mutually different configs as members,
     TenCrop them on an actor pool, fit the weights on val (cross-fitted), write outputs.
 
     Defaults: 3 members, the tune's epochs, 1 DDP worker per member holding what each trial
     held, TenCrop, actors holding what a worker held (at most 1 GPU), at most 4 actors
-    answering 64 images per call on a CPU and 256 on a GPU, seed 0.
+    answering 64 images per call on a CPU and 256 on a GPU, seed 0. A line per member epoch
+    and inference progress are printed; `verbose` adds Ray's own output.
     """
     from ar_ray.cluster import connect
     from ar_ray.ensembling import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
     from ar_ray.feasibility import ensemble_demands, failing_fast
     from ar_ray.leaderboard import load_tune_record
+    from ar_ray.ray_output import ray_output
     from ar_ray.saved_ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE
 
     run = run.run if isinstance(run, TuneResult) else run
@@ -387,7 +394,8 @@ def ensemble(
     prepare_ensemble_dir(root, resume=resume, overwrite=overwrite)
     embedded = connect(address)
     options = request.train_options(root)
-    with failing_fast(ensemble_demands(options, request.inference_options()), embedded):
+    demands = ensemble_demands(options, request.inference_options())
+    with failing_fast(demands, embedded), ray_output(verbose):
         splits = load_splits(
             listing,
             record.base.image_size,
@@ -408,14 +416,17 @@ def predict(
     max_actors: int | None = None,
     images_per_call: int | None = None,
     address: str | None = None,
+    verbose: bool = False,
 ) -> PredictResult:
     """`ar-ray predict`: label images (files, folders or bucket prefixes) with the ensemble
     saved in `run`, on the actors it was scored on unless told otherwise; rows stream to
-    `out` (CSV, or Parquet for a .parquet name) as batches finish."""
+    `out` (CSV, or Parquet for a .parquet name) as batches finish. `verbose` adds Ray's own
+    output to the progress lines."""
     from ar_ray.cluster import connect
     from ar_ray.feasibility import actor_demand, failing_fast
     from ar_ray.inference import InferenceOptions
     from ar_ray.labelling import check_locations, run_predict
+    from ar_ray.ray_output import ray_output
     from ar_ray.saved_ensemble import SavedEnsemble
 
     run = run if isinstance(run, str) else run.run
@@ -434,5 +445,5 @@ def predict(
     )
     locations = check_locations([images] if isinstance(images, str) else list(images))
     embedded = connect(address)
-    with failing_fast([actor_demand(options)], embedded):
+    with failing_fast([actor_demand(options)], embedded), ray_output(verbose):
         return run_predict(saved, locations, Path(out), options)

@@ -136,7 +136,11 @@ def _add_actor_arguments(parser: argparse.ArgumentParser, inherited: str) -> Non
 
 
 def _add_address_argument(parser: argparse.ArgumentParser) -> None:
+    """Every command that runs on Ray: where, and how much of Ray's output to show."""
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show all of Ray's output, not only ar-ray's"
+    )
 
 
 def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:

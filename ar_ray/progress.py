@@ -132,15 +132,16 @@ class _Member:
     latest: EpochUpdate
     arrived_at: float  # driver clock
     durations: list[float] = field(default_factory=list)
+    ended: str | None = None  # why it ended before its last epoch ("stopped by ASHA")
 
     @property
     def done(self) -> bool:
-        return self.latest.epoch >= self.latest.total_epochs
+        return self.ended is not None or self.latest.epoch >= self.latest.total_epochs
 
     def times(self, now: float) -> tuple[str, str]:
         """Elapsed and ETA; on a terminal they keep moving between epochs."""
         if self.done:
-            return format_duration(sum(self.durations)), "done"
+            return format_duration(sum(self.durations)), self.ended or "done"
         running = max(0.0, now - self.arrived_at)
         eta = eta_seconds(self.durations, self.latest.total_epochs - self.latest.epoch)
         left = None if eta is None else max(0.0, eta - running)
@@ -156,31 +157,46 @@ class _Member:
             *self.times(now),
         ]
 
-
-_HEADER = ["member", "epoch", "val top-1", "node", "elapsed", "ETA"]
+    def log_line(self, now: float) -> str:
+        name, epoch, top1, node, elapsed, eta = self.cells(now)
+        last = self.ended or f"ETA {eta}"
+        return f"{name}  epoch {epoch}  val top-1 {top1}  node {node}  elapsed {elapsed}  {last}"
 
 
 class MemberView:
-    """Renders member updates: a live table on a terminal, one line per epoch otherwise."""
+    """Renders member (or trial) updates: a live table on a terminal, one line per epoch
+    otherwise. `kind` heads the first column: the same view serves Tune's trials."""
 
     def __init__(
         self,
         stream: TextIO | None = None,
         clock: Clock = time.monotonic,
         refresh_seconds: float = REFRESH_SECONDS,
+        kind: str = "member",
     ) -> None:
         self._console = _Console(stream or sys.stdout, clock, refresh_seconds)
         self._members: dict[str, _Member] = {}
+        self._header = [kind, "epoch", "val top-1", "node", "elapsed", "ETA"]
 
     def add(self, update: EpochUpdate) -> None:
         now = self._console.clock()
         member = self._members.setdefault(update.member_id, _Member(update, now))
         member.latest, member.arrived_at = update, now
         member.durations.append(update.epoch_seconds)
+        self._show(member)
+
+    def end(self, member_id: str, reason: str) -> None:
+        """It ended before its last epoch (a trial ASHA stopped, or one that failed)."""
+        member = self._members.get(member_id)
+        if member is not None and not member.done:
+            member.ended = reason
+            self._show(member)
+
+    def _show(self, member: _Member) -> None:
         if self._console.live:
             self.refresh()
         else:
-            self._console.line(_log_line(member.cells(now)))
+            self._console.line(member.log_line(self._console.clock()))
 
     def refresh(self, force: bool = False) -> None:
         """Redraw the table on a terminal (throttled unless `force`); logs need no refresh."""
@@ -189,17 +205,12 @@ class MemberView:
 
     def _table(self) -> list[str]:
         now = self._console.clock()
-        rows = [_HEADER] + [member.cells(now) for member in self._members.values()]
-        widths = [max(len(row[column]) for row in rows) for column in range(len(_HEADER))]
+        rows = [self._header] + [member.cells(now) for member in self._members.values()]
+        widths = [max(len(row[column]) for row in rows) for column in range(len(self._header))]
         return [
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
             for row in rows
         ]
-
-
-def _log_line(cells: list[str]) -> str:
-    member, epoch, top1, node, elapsed, eta = cells
-    return f"{member}  epoch {epoch}  val top-1 {top1}  node {node}  elapsed {elapsed}  ETA {eta}"
 
 
 @dataclass(frozen=True)

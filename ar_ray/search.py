@@ -34,10 +34,12 @@ from ar_ray.leaderboard import (
     leaderboard,
 )
 from ar_ray.outputs import environment_info
+from ar_ray.ray_output import tune_verbosity
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ar_ray.recipe.engine import fit
 from ar_ray.resources import Resources
 from ar_ray.search_space import SearchSpace
+from ar_ray.trial_progress import TrialProgress
 
 METRIC, MODE = "val_top1", "max"
 
@@ -162,7 +164,11 @@ def trial_trainable(splits: DatasetSplits, base: RecipeConfig, request: TuneRequ
 
 
 def _build_tuner(
-    request: TuneRequest, space: SearchSpace, base: RecipeConfig, splits: DatasetSplits
+    request: TuneRequest,
+    space: SearchSpace,
+    base: RecipeConfig,
+    splits: DatasetSplits,
+    verbose: bool,
 ) -> tune.Tuner:
     searcher = EarlyStopAwareOptunaSearch(
         metric=METRIC,
@@ -193,6 +199,8 @@ def _build_tuner(
             storage_path=root,
             failure_config=tune.FailureConfig(max_failures=request.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=tune_verbosity(verbose),
+            callbacks=[TrialProgress(base.epochs)],
         ),
     )
 
@@ -221,11 +229,13 @@ def run_tune(
     splits: DatasetSplits,
     *,
     resume: bool = False,
+    verbose: bool = False,
 ) -> pd.DataFrame:
     """Run (or resume) the search and write leaderboard, best configs and the request.
 
     The caller decides what may be replaced (`prepare_experiment_dir`) before Ray starts.
-    A resumed run keeps the request recorded when it began: `request` is that one.
+    A resumed run keeps the request recorded when it began: `request` is that one, and Tune
+    restores its reporter (verbosity, `TrialProgress`) as the run began, too.
     """
     base = base_config(request, space)
     path = experiment_dir(request)
@@ -235,7 +245,7 @@ def run_tune(
         )
     else:
         request = resolve_first_rung(request, space)
-        tuner = _build_tuner(request, space, base, splits)
+        tuner = _build_tuner(request, space, base, splits, verbose)
         record = {
             "request": asdict(request),
             "base_config": base.to_dict(),
