@@ -101,25 +101,30 @@ def estimate(split: str, kind: str) -> str:
     return "out-of-fold" if kind == "ensemble" else "selected-on-val"
 
 
-def _metric_rows(
-    split: str,
-    member_probs: np.ndarray,
-    labels: np.ndarray,
-    names: list[str],
-    ensembles: dict[str, np.ndarray],
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Scored:
+    """A labelled split, as its metric rows and the report's reliability curve need it."""
+
+    split: str  # "val" or "test"
+    member_probs: np.ndarray  # [M, N, K]
+    labels: np.ndarray  # [N]
+    ensembles: dict[str, np.ndarray]  # each method and "final" -> [N, K]
+
+
+def _metric_rows(scored: _Scored, names: list[str]) -> list[dict[str, Any]]:
     """Rows for every member and every ensemble's [N, K] probabilities on one split."""
-    scored = [("member", name, probs) for name, probs in zip(names, member_probs, strict=True)]
-    scored += [("ensemble", name, probs) for name, probs in ensembles.items()]
+    members = zip(names, scored.member_probs, strict=True)
+    rated = [("member", name, probs) for name, probs in members]
+    rated += [("ensemble", name, probs) for name, probs in scored.ensembles.items()]
     return [
         {
             "name": name,
             "kind": kind,
-            "split": split,
-            "estimate": estimate(split, kind),
-            **classification_metrics(probs, labels),
+            "split": scored.split,
+            "estimate": estimate(scored.split, kind),
+            **classification_metrics(probs, scored.labels),
         }
-        for kind, name, probs in scored
+        for kind, name, probs in rated
     ]
 
 
@@ -182,8 +187,40 @@ def run_ensemble(
     """
     run = storage.resolve(request.run)
     specs = plan_members(request, record)
+    names = [s.member_id for s in specs]
     stage, remote = _stage(run)
-    selection = pd.DataFrame(
+    selection = _selection(specs)
+    atomic_write_csv(stage / "members.csv", selection)
+    fold_of = val_folds(request, splits.val.labels)
+    status = train_members(specs, splits, options)
+    pool = request.inference_options()
+    val, test = _member_probs(_checkpoints(run, specs), splits, request.tta, pool, stage)
+    fit = _cross_fit_val(val, splits, fold_of, request.greedy_size, stage)
+    scored = [_Scored("val", val, splits.val.labels, fit.out_of_fold)]
+    scored += _test_outputs(test, fit, splits, stage)
+    metrics = pd.DataFrame([row for split in scored for row in _metric_rows(split, names)])
+    weights = _weights_frame(fit, names, metrics)
+    selection["status"] = selection["member"].map(status)
+    atomic_write_csv(stage / "members.csv", selection.merge(_member_runs(run, specs)))
+    atomic_write_csv(stage / "weights.csv", weights)
+    atomic_write_csv(stage / "metrics.csv", metrics)
+    write_report(
+        stage,
+        metrics=metrics,
+        weights=weights,
+        reliability=_reliability(scored[-1]),
+        title=f"ar-ray ensemble of {len(specs)} members ({fit.chosen} weights, {request.tta})",
+    )
+    _saved_ensemble(request, record, splits, names, fit, pool).save(stage)
+    if remote:
+        _publish(stage, run)
+    return EnsembleResult(metrics=metrics, chosen=fit.chosen, run=run)
+
+
+def _selection(specs: list[MemberSpec]) -> pd.DataFrame:
+    """Which members and why: written before training, so a stopped run still says what it
+    was training; the final members.csv adds each member's status and runs to it."""
+    return pd.DataFrame(
         [
             {
                 "member": s.member_id,
@@ -197,56 +234,68 @@ def run_ensemble(
             for s in specs
         ]
     )
-    atomic_write_csv(stage / "members.csv", selection)
-    fold_of = val_folds(request, splits.val.labels)
-    status = train_members(specs, splits, options)
 
-    checkpoints = _checkpoints(run, specs)
-    names = [s.member_id for s in specs]
+
+def _member_probs(
+    checkpoints: list[str],
+    splits: DatasetSplits,
+    tta: str,
+    pool: InferenceOptions,
+    stage: Path,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every member's val and test probabilities from one actor pool (one start-up, one
+    load of the members), and the pool's record (inference_pool.csv). Test: None if absent."""
     parts = [splits.val.images] + ([] if splits.test is None else [splits.test.images])
     tally = PoolTally()
-    pool = request.inference_options()
-    val, *tested = member_probabilities(
-        checkpoints, parts, tta=request.tta, options=pool, tally=tally
-    )
+    val, *tested = member_probabilities(checkpoints, parts, tta=tta, options=pool, tally=tally)
     atomic_write_csv(stage / "inference_pool.csv", tally.frame())
-    val_labels = splits.val.labels
-    fit = cross_fit(val, val_labels, fold_of, request.greedy_size)
-    fitted, chosen = fit.fitted, fit.chosen
-    rows = _metric_rows("val", val, val_labels, names, fit.out_of_fold)
+    return val, (tested[0] if tested else None)
+
+
+def _cross_fit_val(
+    val: np.ndarray, splits: DatasetSplits, fold_of: np.ndarray, greedy_size: int, stage: Path
+) -> CrossFit:
+    """Fit the weights on val, scored out of fold; probs_val.npz keeps what they were fitted
+    on (with the folds), so the weights and scores can be reproduced without the members."""
+    fit = cross_fit(val, splits.val.labels, fold_of, greedy_size)
     np.savez_compressed(
         stage / "probs_val.npz",
         member_probs=val,
-        labels=val_labels,
+        labels=splits.val.labels,
         ids=np.array(splits.val.ids),
         folds=fit.fold_of,
     )
+    return fit
 
-    test = None
-    if splits.test is not None:
-        test = tested[0]
-        test_ensembles = _refitted_ensembles(test, fit)
-        final_test = test_ensembles["final"]
-        test_labels = splits.test.labels
-        frame = predictions_frame(final_test, splits.test.ids, splits.classes, test_labels)
-        atomic_write_csv(stage / "predictions.csv", frame)
-        if splits.test.labels is None:
-            submission = frame[["image_id", "predicted"]]
-            atomic_write_csv(stage / "submission.csv", submission)
-        else:
-            rows += _metric_rows("test", test, test_labels, names, test_ensembles)
-            np.savez_compressed(
-                stage / "probs_test.npz",
-                member_probs=test,
-                labels=test_labels,
-                ids=np.array(splits.test.ids),
-            )
 
-    metrics = pd.DataFrame(rows)
+def _test_outputs(
+    test: np.ndarray | None, fit: CrossFit, splits: DatasetSplits, stage: Path
+) -> list[_Scored]:
+    """The final weights' test predictions: a submission where test has no labels, else
+    scores (returned) and the members' test probabilities (probs_test.npz). Test is never
+    used to fit or choose anything, so this comes after the weights."""
+    if test is None or splits.test is None:
+        return []
+    ensembles = _refitted_ensembles(test, fit)
+    labels = splits.test.labels
+    frame = predictions_frame(ensembles["final"], splits.test.ids, splits.classes, labels)
+    atomic_write_csv(stage / "predictions.csv", frame)
+    if labels is None:
+        atomic_write_csv(stage / "submission.csv", frame[["image_id", "predicted"]])
+        return []
+    np.savez_compressed(
+        stage / "probs_test.npz", member_probs=test, labels=labels, ids=np.array(splits.test.ids)
+    )
+    return [_Scored("test", test, labels, ensembles)]
+
+
+def _weights_frame(fit: CrossFit, names: list[str], metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each method's weight and temperature per member, next to the member's own top-1 on
+    every scored split: a heavy weight on a weak member stands out."""
     member_solo = metrics[metrics["kind"] == "member"].pivot(
         index="name", columns="split", values="top1"
     )
-    weights = pd.DataFrame(
+    return pd.DataFrame(
         [
             {
                 "member": name,
@@ -255,35 +304,37 @@ def run_ensemble(
                 "temperature": w.temperature,
                 **{f"solo_{split}_top1": member_solo.loc[name, split] for split in member_solo},
             }
-            for method, w in fitted.items()
+            for method, w in fit.fitted.items()
             for i, name in enumerate(names)
         ]
     )
-    selection["status"] = selection["member"].map(status)
-    atomic_write_csv(stage / "members.csv", selection.merge(_member_runs(run, specs)))
-    atomic_write_csv(stage / "weights.csv", weights)
-    atomic_write_csv(stage / "metrics.csv", metrics)
-    report_probs, report_labels, report_split = (
-        (final_test, test_labels, "test")
-        if test is not None and test_labels is not None
-        else (fit.out_of_fold["final"], val_labels, "val, out-of-fold")
+
+
+def _reliability(scored: _Scored) -> pd.DataFrame:
+    """The report's calibration of the final ensemble, on the last scored split: test where
+    it has labels, else val (out of fold, as its ensembles there are cross-fitted)."""
+    where = "val, out-of-fold" if scored.split == "val" else scored.split
+    return reliability_table(scored.ensembles["final"], scored.labels).assign(
+        name=f"final ({where})"
     )
-    reliability = reliability_table(report_probs, report_labels).assign(
-        name=f"final ({report_split})"
-    )
-    write_report(
-        stage,
-        metrics=metrics,
-        weights=weights,
-        reliability=reliability,
-        title=f"ar-ray ensemble of {len(specs)} members ({chosen} weights, {request.tta})",
-    )
-    SavedEnsemble(
+
+
+def _saved_ensemble(
+    request: EnsembleRequest,
+    record: TuneRecord,
+    splits: DatasetSplits,
+    names: list[str],
+    fit: CrossFit,
+    pool: InferenceOptions,
+) -> SavedEnsemble:
+    """What `predict` loads: the members, the chosen weights and how images were prepared."""
+    chosen = fit.fitted[fit.chosen]
+    return SavedEnsemble(
         members=names,
         checkpoints=[storage.join("members", n, CHECKPOINT_FILE) for n in names],
-        method=chosen,
-        weights=fitted[chosen].weights.tolist(),
-        temperature=fitted[chosen].temperature,
+        method=fit.chosen,
+        weights=chosen.weights.tolist(),
+        temperature=chosen.temperature,
         tta=request.tta,
         classes=list(splits.classes),
         image_size=record.base.image_size,
@@ -292,10 +343,7 @@ def run_ensemble(
         fold_methods=list(fit.fold_choices),
         request=asdict(request),
         env=environment_info(),
-    ).save(stage)
-    if remote:
-        _publish(stage, run)
-    return EnsembleResult(metrics=metrics, chosen=chosen, run=run)
+    )
 
 
 def _member_runs(run: str, specs: list[MemberSpec]) -> pd.DataFrame:

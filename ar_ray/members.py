@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -25,14 +24,14 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ar_ray import storage
-from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_labels
+from ar_ray.checkpointed_fit import RaySession, checkpointed_fit
+from ar_ray.cluster import assigned_device
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
 from ar_ray.leaderboard import config_for_row, finished_trials, searched_columns
 from ar_ray.progress import MemberProgress, ProgressHandle, quiet_train_reports
-from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from ar_ray.recipe.engine import fit
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ar_ray.resources import Resources
 
 MEMBERS_DIR = "members"
@@ -140,35 +139,15 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
     quiet_train_reports()
     config = RecipeConfig.from_dict(loop_config["config"])
     splits = ray.get(loop_config["splits"])
-    context = ray.train.get_context()
     progress: ProgressHandle | None = loop_config.get("progress")  # None: called directly
-    show_progress = progress and progress.reporter(loop_config["member_id"], config.epochs)
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-
-    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-        if context.get_world_rank() != 0:
-            ray.train.report(metrics)  # every rank reports; only rank 0 uploads weights
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if show_progress:
-            show_progress(metrics)
-
-    fit(
-        config,
-        splits,
-        on_epoch=on_epoch,
-        resume_from=state,
-        device=worker_device(),
-        epoch_labels=placement_labels(),
-        loader_workers=assigned_loader_workers(),
+    show_progress = progress.reporter(loop_config["member_id"], config.epochs) if progress else None
+    session = RaySession(
+        ray.train.get_checkpoint,
+        ray.train.report,
+        ray.train.Checkpoint,
+        uploads_weights=ray.train.get_context().get_world_rank() == 0,
     )
+    checkpointed_fit(config, splits, session, worker_device(), after_epoch=show_progress)
 
 
 def worker_device() -> torch.device:

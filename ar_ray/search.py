@@ -22,7 +22,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from ar_ray import staged, storage
-from ar_ray.cluster import assigned_device, assigned_loader_workers, placement_labels
+from ar_ray.checkpointed_fit import RaySession, checkpointed_fit
+from ar_ray.cluster import assigned_device
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import Interrupted, UserError
@@ -35,13 +36,12 @@ from ar_ray.leaderboard import (
 )
 from ar_ray.outputs import environment_info
 from ar_ray.ray_output import tune_verbosity
-from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from ar_ray.recipe.engine import fit
 from ar_ray.resources import Resources
 from ar_ray.search_space import SearchSpace
 from ar_ray.trial_progress import TrialProgress
 
 METRIC, MODE = "val_top1", "max"
+TRIAL_SESSION = RaySession(tune.get_checkpoint, tune.report, tune.Checkpoint)
 
 
 @dataclass
@@ -119,27 +119,7 @@ def optuna_states(path: str) -> dict[str, str]:
 def run_trial(params: dict[str, Any], *, splits: DatasetSplits, base: dict[str, Any]) -> None:
     """One Tune trial: fit the sampled config, report and checkpoint every epoch."""
     config = RecipeConfig.from_dict({**base, **params})
-    state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-
-    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
-            checkpoint = tune.Checkpoint.from_directory(folder)
-            tune.report(metrics, checkpoint=checkpoint)
-
-    fit(
-        config,
-        splits,
-        on_epoch=on_epoch,
-        resume_from=state,
-        device=assigned_device(),
-        epoch_labels=placement_labels(),
-        loader_workers=assigned_loader_workers(),
-    )
+    checkpointed_fit(config, splits, TRIAL_SESSION, assigned_device())
 
 
 def trial_resources(request: TuneRequest) -> Resources:

@@ -49,9 +49,10 @@ def timed_member_loop(stamps_file: str) -> Callable[[dict[str, Any]], None]:
     """
 
     def loop(loop_config: dict[str, Any]) -> None:
+        import ar_ray.checkpointed_fit as checkpointed
         import ar_ray.members as members
 
-        real_fit, stamps = members.fit, []
+        real_fit, stamps = checkpointed.fit, []
 
         def timed_fit(*args: Any, on_epoch: Callable, **kwargs: Any) -> Any:
             def timed(metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -60,11 +61,11 @@ def timed_member_loop(stamps_file: str) -> Callable[[dict[str, Any]], None]:
 
             return real_fit(*args, on_epoch=timed, **kwargs)
 
-        members.fit = timed_fit
+        checkpointed.fit = timed_fit
         try:
             members.member_train_loop(loop_config)
         finally:
-            members.fit = real_fit
+            checkpointed.fit = real_fit
             Path(stamps_file).write_text(json.dumps(stamps))
 
     return loop

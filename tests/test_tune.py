@@ -13,9 +13,11 @@ import pytest
 import ray
 import yaml
 from helpers import assert_user_error, run_cli
+from ray import tune
 
-from ar_ray.config import ConfigError, load_config
-from ar_ray.search import TuneRequest, optuna_states, run_tune
+from ar_ray.config import ConfigError, RecipeConfig, load_config
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ar_ray.search import TuneRequest, optuna_states, run_trial, run_tune
 from ar_ray.search_space import load_search_space, parse_search_space
 from ar_ray.staged import first_rung
 
@@ -216,6 +218,36 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
 def _result_lines(experiment: Path, trial_id: str) -> list[str]:
     (result,) = [p for p in experiment.glob(f"*{trial_id}*/result.json")]
     return result.read_text().splitlines()
+
+
+def test_a_retried_trial_continues_after_its_checkpoint(ray_cluster, small_splits, tmp_path):
+    """The first attempt dies after epoch 1; Tune retries the trial, which must resume from
+    epoch 1's checkpoint and report epoch 2 only, not train from scratch again."""
+
+    def flaky_trial(params, *, splits, base):
+        if tune.get_checkpoint() is None:
+            run_trial(params, splits=splits, base={**base, "epochs": 1})
+            raise RuntimeError("injected failure after epoch 1")
+        run_trial(params, splits=splits, base=base)
+
+    base = RecipeConfig(epochs=2, batch_size=16).to_dict()
+    trainable = tune.with_parameters(flaky_trial, splits=small_splits.for_training(), base=base)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        run_config=tune.RunConfig(
+            name="retry",
+            storage_path=str(tmp_path),
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None
+    (trial,) = (tmp_path / "retry").glob("flaky_trial_*/result.json")
+    epochs = [json.loads(line)["epoch"] for line in trial.read_text().splitlines()]
+    assert epochs == [1, 2]
+    with result.checkpoint.as_directory() as folder:
+        history = load_checkpoint(Path(folder) / CHECKPOINT_FILE)["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
 
 
 @pytest.mark.parametrize(
