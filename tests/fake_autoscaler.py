@@ -83,6 +83,10 @@ class FakeAutoscalingCluster:
         ray_bin = Path(sys.executable).with_name("ray")
         env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
         env["RAY_AUTH_MODE"] = "disabled"  # a token left in ~/.ray by a local ray.init
+        # Its processes find their own cluster, as on a real one (one Ray per machine):
+        # Train's PlacementGroupCleaner asks the state API without an address and, with
+        # the session's Ray also on this machine, fails with "multiple active Ray instances"
+        env["RAY_ADDRESS"] = self.address
         env["PATH"] = (
             f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"  # the provider runs `ray`
         )
