@@ -12,7 +12,15 @@ from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits, ImageSplit
 from ar_ray.recipe.augment import build_batch_mixer
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint, save_checkpoint
-from ar_ray.recipe.engine import evaluate, fit, teacher_views, view_major, views_per_image
+from ar_ray.recipe.engine import (
+    _Run,
+    _train_loader,
+    evaluate,
+    fit,
+    teacher_views,
+    view_major,
+    views_per_image,
+)
 
 
 @pytest.mark.slow
@@ -96,6 +104,40 @@ def test_sgd_momentum_survives_the_checkpoint_and_the_resume_is_exact(small_spli
     assert _scores(resumed.history) == _scores(full.history)
     for key, value in full.state["model"].items():
         assert torch.equal(value, resumed.state["model"][key]), key
+
+
+def test_the_seed_sets_the_init_and_every_epoch(small_splits):
+    """The same seed gives identical weights. Another seed gives other initial weights (it
+    reaches the model init), another image order (it reaches the sampler), and, from the
+    very same epoch-1 checkpoint, another epoch 2: the seed steers the data order and
+    augmentation too, not only the init."""
+    tiny = small_splits.limit_per_class(3)
+    config = RecipeConfig(epochs=2, batch_size=8, cr_weight=0.0, seed=0)
+    other = config.replace(seed=1)
+
+    def initial(config):
+        return _Run(config, tiny, torch.device("cpu"), 0, False).model.state_dict()
+
+    def order(config):
+        sampler = _train_loader(config, tiny.train, 0, 1, 0, False)[0].sampler
+        return [index for _, index in sampler]
+
+    first = initial(config)
+    assert all(torch.equal(value, initial(config)[key]) for key, value in first.items())
+    assert not torch.equal(first["classifier.weight"], initial(other)["classifier.weight"])
+    assert order(config) == order(config) != order(other)
+
+    kept = {}
+
+    def keep(metrics, state):
+        kept[metrics["epoch"]] = _snapshot(state)
+
+    full = fit(config, tiny, on_epoch=keep).state["model"]
+    again = fit(config, tiny).state["model"]
+    for key, value in full.items():
+        assert torch.equal(value, again[key]), key
+    reseeded = fit(other, tiny, resume_from=kept[1]).state["model"]
+    assert not torch.equal(full["classifier.weight"], reseeded["classifier.weight"])
 
 
 def _read_only(split: ImageSplit) -> ImageSplit:
@@ -190,8 +232,6 @@ def _crop_areas(config: RecipeConfig, split: ImageSplit, batched: bool) -> torch
     """The stored-image area share of every crop one epoch of the engine's loader serves,
     through the per-image transform or through its batched augmenter; read back from
     images whose channels 0 and 1 encode x and y (4 * coordinate + 2)."""
-    from ar_ray.recipe.engine import _train_loader  # the loader fit itself builds
-
     loader, augment = _train_loader(config, split, 0, 1, 0, batched)
     loader.sampler.set_epoch(0)
     areas = []
