@@ -243,34 +243,67 @@ def test_predict_decodes_files_to_the_stored_size_the_ensemble_recorded(
     assert np.allclose(frame["confidence"], expected.max(axis=1), atol=1e-5)
 
 
-def test_member_resumes_from_its_checkpoint_after_an_injected_failure(
+TIMINGS = ["epoch_seconds", "started_at", "finished_at"]
+
+
+def test_member_resumed_after_a_failure_ends_where_an_uninterrupted_one_does(
     ray_cluster, small_splits, tmp_path
 ):
-    """Two DDP workers; the first attempt dies after epoch 1 and the retry continues."""
-    marker = tmp_path / "resumed_from.txt"
+    """Two DDP workers (gloo). The first attempt dies right after epoch 1 was checkpointed;
+    the retry resumes from that checkpoint (epoch 1's record, timings included, is the
+    first attempt's) and ends with the weights and every epoch's metrics of an
+    uninterrupted member of the same config. Mixup draws from each rank's global RNG, so
+    the ranks' random state must be rebuilt on resume, not only the weights."""
+    marker = tmp_path / "resumed_from.json"
 
     def flaky_loop(loop_config):
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            member_train_loop({**loop_config, "config": {**loop_config["config"], "epochs": 1}})
-            raise RuntimeError("injected failure after epoch 1")
-        if ray.train.get_context().get_world_rank() == 0:
-            with checkpoint.as_directory() as folder:
-                epoch = torch.load(Path(folder) / "checkpoint.pt", weights_only=True)["epoch"]
-            marker.write_text(str(epoch))
-        member_train_loop(loop_config)
+        if checkpoint is not None:
+            if ray.train.get_context().get_world_rank() == 0:
+                with checkpoint.as_directory() as folder:
+                    state = load_checkpoint(Path(folder) / "checkpoint.pt")
+                marker.write_text(json.dumps(state["history"]))
+            member_train_loop(loop_config)
+            return
+        import ar_ray.members as members
+
+        real_fit = members.fit
+
+        def fit_failing_after_epoch_one(*args, on_epoch, **kwargs):
+            def report_then_fail(metrics, state):
+                on_epoch(metrics, state)  # epoch 1 reported and checkpointed
+                raise RuntimeError("injected failure after epoch 1")
+
+            return real_fit(*args, on_epoch=report_then_fail, **kwargs)
+
+        members.fit = fit_failing_after_epoch_one
+        try:
+            member_train_loop(loop_config)
+        finally:
+            members.fit = real_fit
 
     from ar_ray.config import RecipeConfig
 
-    spec = MemberSpec("flaky", RecipeConfig(epochs=2, batch_size=16), "t0", 1, "test")
-    options = TrainOptions(root=str(tmp_path), workers_per_member=2)
-    last = train_member(spec, ray.put(small_splits), options, train_loop=flaky_loop)
-    assert marker.read_text() == "1"
-    assert last["epoch"] == 2
-    history = pd.read_csv(tmp_path / "members" / "flaky" / "metrics.csv")
-    assert list(history["epoch"]) == [1, 2]
-    assert load_checkpoint(tmp_path / "members" / "flaky" / "checkpoint.pt")["epoch"] == 2
-    shutil.rmtree(tmp_path / "members")
+    config = RecipeConfig(epochs=2, batch_size=8, mixup_alpha=0.4, seed=5)
+    tiny = ray.put(small_splits.limit_per_class(3))
+    finished = {}
+    for name, loop in [("steady", member_train_loop), ("flaky", flaky_loop)]:
+        options = TrainOptions(root=str(tmp_path / name), workers_per_member=2)
+        last = train_member(MemberSpec(name, config, "t0", 1, "test"), tiny, options, loop)
+        assert last["epoch"] == 2
+        finished[name] = tmp_path / name / "members" / name
+    (first_attempt,) = json.loads(marker.read_text())  # the retry started after epoch 1
+    steady, flaky = (load_checkpoint(finished[n] / "checkpoint.pt") for n in ("steady", "flaky"))
+    assert flaky["epoch"] == 2 and flaky["history"][0] == first_attempt  # kept, not retrained
+    for key, value in steady["model"].items():
+        assert torch.equal(value, flaky["model"][key]), key
+    steady_metrics, flaky_metrics = (
+        pd.read_csv(finished[n] / "metrics.csv").drop(columns=TIMINGS) for n in ("steady", "flaky")
+    )
+    assert list(flaky_metrics["epoch"]) == [1, 2]
+    pd.testing.assert_frame_equal(flaky_metrics, steady_metrics, check_exact=True)
+    shutil.rmtree(tmp_path / "steady")
+    shutil.rmtree(tmp_path / "flaky")
 
 
 def test_ensemble_from_a_folder_without_a_tune_run_fails_clearly(tmp_path):
