@@ -12,7 +12,12 @@ import yaml
 from ar_ray.config import RecipeConfig, save_config
 from ar_ray.data import DatasetSplits
 from ar_ray.outputs import atomic_write_csv, atomic_write_text, environment_info, prepare_run_dir
-from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from ar_ray.recipe.checkpoint import (
+    CHECKPOINT_FILE,
+    check_same_arch,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ar_ray.recipe.engine import evaluate, fit
 
 
@@ -50,6 +55,8 @@ def run_training(
     out = prepare_run_dir(out, resume=resume, overwrite=overwrite)
     checkpoint_path = out / CHECKPOINT_FILE
     state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    if state is not None:  # before config.yaml is rewritten: a refused resume changes nothing
+        check_same_arch(state, config)
     save_config(config, out / "config.yaml")
     atomic_write_text(out / "environment.yaml", yaml.safe_dump(environment_info()))
 

@@ -5,7 +5,6 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ar_ray.config import RecipeConfig
@@ -42,10 +41,22 @@ class PositionNet(nn.Module):
         return self.linear(x.flatten(1))
 
 
-def torchvision_ten_crops(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The reference: torchvision's `v2.TenCrop` on each image alone, stacked crop-major."""
-    per_image = [torch.stack(v2.TenCrop(size)(image)) for image in images]  # [10, C, S, S] each
-    return torch.stack(per_image, dim=1).flatten(0, 1)
+def hand_ten_crops(images: torch.Tensor, size: int, top: int) -> torch.Tensor:
+    """The reference, sliced by hand: top-left, top-right, bottom-left, bottom-right and the
+    centre (its corner at `top`, `top`), then the same five cut from the horizontally flipped
+    image (torchvision's order), stacked crop-major: [10 * B, C, S, S]."""
+
+    def five(x: torch.Tensor) -> list[torch.Tensor]:
+        centre = slice(top, top + size)
+        return [
+            x[..., :size, :size],
+            x[..., :size, -size:],
+            x[..., -size:, :size],
+            x[..., -size:, -size:],
+            x[..., centre, centre],
+        ]
+
+    return torch.cat(five(images) + five(images.flip(-1)))
 
 
 def gradient_images(count: int, side: int) -> torch.Tensor:
@@ -56,12 +67,20 @@ def gradient_images(count: int, side: int) -> torch.Tensor:
     return torch.stack(planes).view(count, 3, side, side).to(torch.uint8)
 
 
-def test_ten_crop_positions_and_order_match_torchvision_ten_crop():
-    size = 24
+def test_ten_crop_positions_and_order_match_slices_cut_by_hand():
+    """All ten crops, pixel for pixel, against slices cut by hand at 28 px from the 32 px
+    stored image (centre offset (32 - 28) / 2 = 2); the flipped five are the mirror images
+    of the top-right, top-left, bottom-right, bottom-left and centre crops."""
+    size = 28
     images = gradient_images(3, stored_size(size))  # at the eval size: no resize applies
+    assert images.shape[-1] == 32
     crops = ten_crop_batch(images, size)
     assert crops.shape == (30, 3, size, size)
-    assert torch.equal(crops, torchvision_ten_crops(images, size))
+    expected = hand_ten_crops(images, size, top=2)
+    for crop in range(10):  # crop-major: rows crop*3 .. crop*3+2 are the three images
+        rows = slice(3 * crop, 3 * crop + 3)
+        assert torch.equal(crops[rows], expected[rows]), f"crop {crop}"
+    assert torch.equal(crops[15:18], images[..., :size, -size:].flip(-1))  # flip of top-right
     assert len({bytes(crop.flatten().tolist()) for crop in crops}) == 30  # no two alike
 
 
@@ -82,7 +101,7 @@ def test_tencrop_averages_the_ten_crops():
     side = stored_size(24)  # TenCrop's input size, so no resize sits between the two
     images = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8)
     model = PositionNet(24)
-    crops = torchvision_ten_crops(images, 24).float() / 255
+    crops = hand_ten_crops(images, 24, top=round((side - 24) / 2)).float() / 255
     expected = torch.softmax(model(crops), 1).view(10, 2, 4).mean(0)
     assert torch.allclose(predict_probabilities(model, images, 24, "tencrop"), expected, atol=1e-6)
     assert not torch.allclose(expected, predict_probabilities(model, images, 24, "center"))

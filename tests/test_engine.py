@@ -11,8 +11,16 @@ import torch.nn.functional as F
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits, ImageSplit
 from ar_ray.recipe.augment import build_batch_mixer
-from ar_ray.recipe.checkpoint import inference_model
-from ar_ray.recipe.engine import evaluate, fit, teacher_views, view_major, views_per_image
+from ar_ray.recipe.checkpoint import inference_model, load_checkpoint, save_checkpoint
+from ar_ray.recipe.engine import (
+    _Run,
+    _train_loader,
+    evaluate,
+    fit,
+    teacher_views,
+    view_major,
+    views_per_image,
+)
 
 
 @pytest.mark.slow
@@ -32,20 +40,35 @@ def _snapshot(state):
     return torch.load(buffer, weights_only=True)
 
 
-def test_resume_from_epoch_two_matches_uninterrupted_run(small_splits):
+TIMINGS = ("epoch_seconds", "started_at", "finished_at")
+
+
+def _scores(history):
+    """An epoch history without its wall-clock fields: what a resumed run must reproduce."""
+    return [{k: v for k, v in metrics.items() if k not in TIMINGS} for metrics in history]
+
+
+def _saving_to(folder):
+    """An `on_epoch` that writes each epoch's checkpoint file as a member does."""
+
+    def save(metrics, state):
+        save_checkpoint(state, folder / f"epoch{metrics['epoch']}.pt")
+
+    return save
+
+
+def test_resume_from_epoch_two_matches_uninterrupted_run(small_splits, tmp_path):
+    """Resumed from the epoch-2 checkpoint file (save_checkpoint, load_checkpoint), epoch 3
+    ends with the weights, teacher and scores of an uninterrupted 3-epoch run."""
     config = RecipeConfig(
         epochs=3, batch_size=16, mt_weight=1.0, mt_start_epoch=1, mixup_alpha=0.4, seed=3
     )
-    saved = {}
-
-    def keep(metrics, state):
-        saved[metrics["epoch"]] = _snapshot(state)
-
-    full = fit(config, small_splits, on_epoch=keep)
-    assert saved[2]["teacher"] is not None and saved[2]["epoch"] == 2
-    resumed = fit(config, small_splits, resume_from=saved[2])
-    assert resumed.history == full.history[:2] + resumed.history[2:]
-    assert len(resumed.history) == 3
+    full = fit(config, small_splits, on_epoch=_saving_to(tmp_path))
+    saved = load_checkpoint(tmp_path / "epoch2.pt")
+    assert saved["teacher"] is not None and saved["epoch"] == 2
+    resumed = fit(config, small_splits, resume_from=saved)
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
+    assert _scores(resumed.history) == _scores(full.history)  # epoch 3 was trained again
     for key, value in full.state["model"].items():
         assert torch.equal(value, resumed.state["model"][key]), key
     for key, value in full.state["teacher"]["module"].items():
@@ -56,11 +79,65 @@ def test_resume_from_epoch_two_matches_uninterrupted_run(small_splits):
         assert torch.equal(value, full.state["teacher"]["module"][key]), key
 
 
-def test_different_seeds_give_different_weights(small_splits):
-    config = RecipeConfig(epochs=1, batch_size=16, cr_weight=0.0)
-    first = fit(config, small_splits).state["model"]
-    second = fit(config.replace(seed=1), small_splits).state["model"]
-    assert not torch.equal(first["classifier.weight"], second["classifier.weight"])
+def test_sgd_momentum_survives_the_checkpoint_and_the_resume_is_exact(small_splits, tmp_path):
+    """SGD's momentum buffers come back from the checkpoint file as they were saved, so a
+    2-epoch fit resumed from its epoch-1 file ends bit for bit where an uninterrupted one
+    does (restarting the momentum at zero would change every weight in epoch 2)."""
+    tiny = small_splits.limit_per_class(3)
+    config = RecipeConfig(epochs=2, batch_size=8, optimizer="sgd", lr=0.05, seed=6)
+    kept = {}
+
+    def keep(metrics, state):
+        kept[metrics["epoch"]] = _snapshot(state)
+        save_checkpoint(state, tmp_path / f"epoch{metrics['epoch']}.pt")
+
+    full = fit(config, tiny, on_epoch=keep)
+    loaded = load_checkpoint(tmp_path / "epoch1.pt")
+    buffers = kept[1]["optimizer"]["state"]
+    assert buffers and all(b["momentum_buffer"].abs().sum() > 0 for b in buffers.values())
+    assert loaded["optimizer"]["state"].keys() == buffers.keys()
+    for index, saved in buffers.items():
+        assert torch.equal(
+            loaded["optimizer"]["state"][index]["momentum_buffer"], saved["momentum_buffer"]
+        )
+    resumed = fit(config, tiny, resume_from=loaded)
+    assert _scores(resumed.history) == _scores(full.history)
+    for key, value in full.state["model"].items():
+        assert torch.equal(value, resumed.state["model"][key]), key
+
+
+def test_the_seed_sets_the_init_and_every_epoch(small_splits):
+    """The same seed gives identical weights. Another seed gives other initial weights (it
+    reaches the model init), another image order (it reaches the sampler), and, from the
+    very same epoch-1 checkpoint, another epoch 2: the seed steers the data order and
+    augmentation too, not only the init."""
+    tiny = small_splits.limit_per_class(3)
+    config = RecipeConfig(epochs=2, batch_size=8, cr_weight=0.0, seed=0)
+    other = config.replace(seed=1)
+
+    def initial(config):
+        return _Run(config, tiny, torch.device("cpu"), 0, False).model.state_dict()
+
+    def order(config):
+        sampler = _train_loader(config, tiny.train, 0, 1, 0, False)[0].sampler
+        return [index for _, index in sampler]
+
+    first = initial(config)
+    assert all(torch.equal(value, initial(config)[key]) for key, value in first.items())
+    assert not torch.equal(first["classifier.weight"], initial(other)["classifier.weight"])
+    assert order(config) == order(config) != order(other)
+
+    kept = {}
+
+    def keep(metrics, state):
+        kept[metrics["epoch"]] = _snapshot(state)
+
+    full = fit(config, tiny, on_epoch=keep).state["model"]
+    again = fit(config, tiny).state["model"]
+    for key, value in full.items():
+        assert torch.equal(value, again[key]), key
+    reseeded = fit(other, tiny, resume_from=kept[1]).state["model"]
+    assert not torch.equal(full["classifier.weight"], reseeded["classifier.weight"])
 
 
 def _read_only(split: ImageSplit) -> ImageSplit:
@@ -155,8 +232,6 @@ def _crop_areas(config: RecipeConfig, split: ImageSplit, batched: bool) -> torch
     """The stored-image area share of every crop one epoch of the engine's loader serves,
     through the per-image transform or through its batched augmenter; read back from
     images whose channels 0 and 1 encode x and y (4 * coordinate + 2)."""
-    from ar_ray.recipe.engine import _train_loader  # the loader fit itself builds
-
     loader, augment = _train_loader(config, split, 0, 1, 0, batched)
     loader.sampler.set_epoch(0)
     areas = []

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from ar_ray.inference import InferenceOptions, ensemble_top_k, member_probabilit
 from ar_ray.labelling import run_predict
 from ar_ray.leaderboard import load_tune_record
 from ar_ray.members import MemberSpec, TrainOptions, member_train_loop, train_member
-from ar_ray.metrics import classification_metrics
+from ar_ray.metrics import PROB_FLOOR, classification_metrics
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.saved_ensemble import SavedEnsemble
@@ -218,6 +219,107 @@ def test_predict_gives_the_probabilities_the_ensemble_saved(ensemble_run, small_
     assert np.allclose(rows["probs"][order], np.take_along_axis(expected, top5, 1), atol=1e-5)
 
 
+def tempered_mixture(member_probs: np.ndarray, weights, temperature: float) -> np.ndarray:
+    """By hand: the weighted mean of the members' probabilities (floored at PROB_FLOOR, as
+    log(0) would be), raised to 1/T and renormalised (softmax(log(mean) / T))."""
+    mixed = np.tensordot(np.asarray(weights, dtype=np.float64), member_probs, axes=1)
+    tempered = np.maximum(mixed, PROB_FLOOR) ** (1.0 / temperature)
+    return tempered / tempered.sum(axis=1, keepdims=True)
+
+
+def scores_by_hand(probs: np.ndarray, labels: np.ndarray) -> list[float]:
+    """top-1, top-5 (from a sort) and NLL, its log floored at PROB_FLOOR: a member sure of
+    a wrong class gives its label a float32 0."""
+    ranked = np.argsort(-probs, axis=1)
+    true_class = np.maximum(probs[np.arange(len(labels)), labels], PROB_FLOOR)
+    return [
+        float(np.mean(ranked[:, 0] == labels)),
+        float(np.mean((ranked[:, :5] == labels[:, None]).any(axis=1))),
+        float(-np.mean(np.log(true_class))),
+    ]
+
+
+def test_predict_applies_hand_made_weights_and_temperature(ensemble_run, small_splits, tmp_path):
+    """A saved ensemble given weights [0.9, 0.1] and T = 0.5: `ar-ray predict` labels PNGs of
+    val images with the members' probabilities (saved by the ensemble run) mixed 0.9 : 0.1
+    and sharpened to the power 1/T = 2, as worked out here in numpy."""
+    run, _ = ensemble_run
+    hand = tmp_path / "hand"
+    (hand / "ensemble").mkdir(parents=True)
+    (hand / "members").symlink_to(run / "members")  # the record names members/<id>/...
+    saved = SavedEnsemble.load(str(run))
+    replace(saved, method="hand", weights=[0.9, 0.1], temperature=0.5).save(hand / "ensemble")
+    count, images = 12, tmp_path / "images"
+    images.mkdir()
+    for row, image in enumerate(small_splits.val.images[:count]):  # lossless, stored size
+        Image.fromarray(image.transpose(1, 2, 0)).save(images / f"{row:02d}.png")
+    member = np.load(run / "ensemble" / "probs_val.npz")["member_probs"][:, :count]
+    mixed = 0.9 * member[0].astype(np.float64) + 0.1 * member[1]
+    expected = mixed**2 / (mixed**2).sum(axis=1, keepdims=True)
+    out = tmp_path / "labels.csv"
+    address = ray.get_runtime_context().gcs_address
+    result = run_cli(
+        *("predict", "--ensemble", str(hand), "--images", str(images)),
+        *("--out", str(out), "--address", address, "--max-actors", "2"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pd.read_csv(out).sort_values("image_id")
+    assert [Path(p).name for p in frame["image_id"]] == [f"{r:02d}.png" for r in range(count)]
+    top5 = np.argsort(-expected, axis=1)[:, :5]
+    names = [[saved.classes[i] for i in row] for row in top5]
+    assert frame["predicted"].tolist() == [row[0] for row in names]
+    assert frame["top5"].tolist() == ["|".join(row) for row in names]
+    assert np.allclose(frame["confidence"], expected.max(axis=1), atol=1e-5)
+    shown = np.array([[float(p) for p in row.split()] for row in frame["top5_probs"]])
+    assert np.allclose(shown, np.take_along_axis(expected, top5, axis=1), atol=6e-5)
+
+
+def test_ensemble_outputs_are_the_saved_test_probabilities_mixed_by_the_chosen_weights(
+    ensemble_run, small_splits
+):
+    """weights.csv and ensemble.yaml agree on the chosen weights and temperature; every
+    test row of metrics.csv, and predictions.csv, follow from probs_test.npz mixed by hand
+    with the weights and temperature weights.csv lists for each method."""
+    run, _ = ensemble_run
+    folder = run / "ensemble"
+    record = yaml.safe_load((folder / "ensemble.yaml").read_text())
+    weights = pd.read_csv(folder / "weights.csv")
+    saved = np.load(folder / "probs_test.npz")
+    member, labels = saved["member_probs"].astype(np.float64), saved["labels"]
+    assert list(saved["ids"]) == small_splits.test.ids
+    assert np.array_equal(labels, small_splits.test.labels)
+    metrics = pd.read_csv(folder / "metrics.csv").set_index(["split", "name"])
+    columns = ["top1", "top5", "nll"]
+    mixtures = {}
+    for method, rows in weights.groupby("method"):
+        rows = rows.set_index("member").loc[record["members"]]  # in the members' order
+        (temperature,) = rows["temperature"].unique()
+        mixtures[method] = tempered_mixture(member, rows["weight"], temperature)
+        reported = metrics.loc[("test", method), columns].to_numpy(dtype=float)
+        assert np.allclose(reported, scores_by_hand(mixtures[method], labels), atol=1e-9), method
+        if method == record["method"]:
+            assert record["weights"] == rows["weight"].tolist()
+            assert record["temperature"] == temperature
+    assert set(mixtures) == {"uniform", "greedy", "nll"}
+    final = mixtures[record["method"]]
+    reported = metrics.loc[("test", "final"), columns].to_numpy(dtype=float)
+    assert np.allclose(reported, scores_by_hand(final, labels), atol=1e-9)
+    for index, name in enumerate(record["members"]):
+        reported = metrics.loc[("test", name), columns].to_numpy(dtype=float)
+        assert np.allclose(reported, scores_by_hand(member[index], labels), atol=1e-9), name
+
+    predictions = pd.read_csv(folder / "predictions.csv", dtype={"image_id": str})
+    assert predictions["image_id"].tolist() == list(small_splits.test.ids)
+    classes = record["classes"]
+    top5 = np.argsort(-final, axis=1)[:, :5]
+    assert predictions["predicted"].tolist() == [classes[i] for i in top5[:, 0]]
+    assert predictions["top5"].tolist() == ["|".join(classes[i] for i in row) for row in top5]
+    assert predictions["label"].tolist() == [classes[i] for i in labels]
+    assert np.allclose(predictions["confidence"], final.max(axis=1), atol=1e-9)
+    shown = np.array([[float(p) for p in row.split()] for row in predictions["top5_probs"]])
+    assert np.allclose(shown, np.take_along_axis(final, top5, axis=1), atol=6e-5)
+
+
 def test_predict_decodes_files_to_the_stored_size_the_ensemble_recorded(
     ensemble_run, small_splits, tmp_path
 ):
@@ -243,34 +345,67 @@ def test_predict_decodes_files_to_the_stored_size_the_ensemble_recorded(
     assert np.allclose(frame["confidence"], expected.max(axis=1), atol=1e-5)
 
 
-def test_member_resumes_from_its_checkpoint_after_an_injected_failure(
+TIMINGS = ["epoch_seconds", "started_at", "finished_at"]
+
+
+def test_member_resumed_after_a_failure_ends_where_an_uninterrupted_one_does(
     ray_cluster, small_splits, tmp_path
 ):
-    """Two DDP workers; the first attempt dies after epoch 1 and the retry continues."""
-    marker = tmp_path / "resumed_from.txt"
+    """Two DDP workers (gloo). The first attempt dies right after epoch 1 was checkpointed;
+    the retry resumes from that checkpoint (epoch 1's record, timings included, is the
+    first attempt's) and ends with the weights and every epoch's metrics of an
+    uninterrupted member of the same config. Mixup draws from each rank's global RNG, so
+    the ranks' random state must be rebuilt on resume, not only the weights."""
+    marker = tmp_path / "resumed_from.json"
 
     def flaky_loop(loop_config):
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            member_train_loop({**loop_config, "config": {**loop_config["config"], "epochs": 1}})
-            raise RuntimeError("injected failure after epoch 1")
-        if ray.train.get_context().get_world_rank() == 0:
-            with checkpoint.as_directory() as folder:
-                epoch = torch.load(Path(folder) / "checkpoint.pt", weights_only=True)["epoch"]
-            marker.write_text(str(epoch))
-        member_train_loop(loop_config)
+        if checkpoint is not None:
+            if ray.train.get_context().get_world_rank() == 0:
+                with checkpoint.as_directory() as folder:
+                    state = load_checkpoint(Path(folder) / "checkpoint.pt")
+                marker.write_text(json.dumps(state["history"]))
+            member_train_loop(loop_config)
+            return
+        import ar_ray.members as members
+
+        real_fit = members.fit
+
+        def fit_failing_after_epoch_one(*args, on_epoch, **kwargs):
+            def report_then_fail(metrics, state):
+                on_epoch(metrics, state)  # epoch 1 reported and checkpointed
+                raise RuntimeError("injected failure after epoch 1")
+
+            return real_fit(*args, on_epoch=report_then_fail, **kwargs)
+
+        members.fit = fit_failing_after_epoch_one
+        try:
+            member_train_loop(loop_config)
+        finally:
+            members.fit = real_fit
 
     from ar_ray.config import RecipeConfig
 
-    spec = MemberSpec("flaky", RecipeConfig(epochs=2, batch_size=16), "t0", 1, "test")
-    options = TrainOptions(root=str(tmp_path), workers_per_member=2)
-    last = train_member(spec, ray.put(small_splits), options, train_loop=flaky_loop)
-    assert marker.read_text() == "1"
-    assert last["epoch"] == 2
-    history = pd.read_csv(tmp_path / "members" / "flaky" / "metrics.csv")
-    assert list(history["epoch"]) == [1, 2]
-    assert load_checkpoint(tmp_path / "members" / "flaky" / "checkpoint.pt")["epoch"] == 2
-    shutil.rmtree(tmp_path / "members")
+    config = RecipeConfig(epochs=2, batch_size=8, mixup_alpha=0.4, seed=5)
+    tiny = ray.put(small_splits.limit_per_class(3))
+    finished = {}
+    for name, loop in [("steady", member_train_loop), ("flaky", flaky_loop)]:
+        options = TrainOptions(root=str(tmp_path / name), workers_per_member=2)
+        last = train_member(MemberSpec(name, config, "t0", 1, "test"), tiny, options, loop)
+        assert last["epoch"] == 2
+        finished[name] = tmp_path / name / "members" / name
+    (first_attempt,) = json.loads(marker.read_text())  # the retry started after epoch 1
+    steady, flaky = (load_checkpoint(finished[n] / "checkpoint.pt") for n in ("steady", "flaky"))
+    assert flaky["epoch"] == 2 and flaky["history"][0] == first_attempt  # kept, not retrained
+    for key, value in steady["model"].items():
+        assert torch.equal(value, flaky["model"][key]), key
+    steady_metrics, flaky_metrics = (
+        pd.read_csv(finished[n] / "metrics.csv").drop(columns=TIMINGS) for n in ("steady", "flaky")
+    )
+    assert list(flaky_metrics["epoch"]) == [1, 2]
+    pd.testing.assert_frame_equal(flaky_metrics, steady_metrics, check_exact=True)
+    shutil.rmtree(tmp_path / "steady")
+    shutil.rmtree(tmp_path / "flaky")
 
 
 def test_ensemble_from_a_folder_without_a_tune_run_fails_clearly(tmp_path):

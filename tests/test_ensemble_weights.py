@@ -229,6 +229,21 @@ def test_greedy_weights_are_pick_counts_over_picks():
     assert any(np.allclose(weights * n, np.round(weights * n)) for n in range(1, 26))
 
 
+def test_greedy_picks_the_better_member_twice_when_two_to_one_is_best():
+    """Three images of class 0, P(class 0) per member, traced by hand:
+    A = [0.6, 0.6, 0.3] (2/3 right), B = [0.35, 0.35, 0.95] (1/3 right).
+    Step 1 picks A; step 2 picks A again ((A+B)/2 = [.475, .475, .625] gets 1/3); step 3
+    picks B: (2A+B)/3 = [.517, .517, .517] gets 3/3, the best prefix. Step 4's mixtures get
+    2/3 ((3A+B)/4) or 1/3 ((2A+2B)/4), so the weights stay 2/3 and 1/3, never uniform."""
+    a, b = np.array([0.6, 0.6, 0.3]), np.array([0.35, 0.35, 0.95])
+    members = np.stack([np.stack([a, 1 - a], 1), np.stack([b, 1 - b], 1)])
+    labels = np.zeros(3, dtype=np.int64)
+    for size in (3, 4):
+        fitted = greedy_selection(members, labels, size=size)
+        np.testing.assert_allclose(fitted.weights, [2 / 3, 1 / 3], atol=1e-12)
+    np.testing.assert_allclose(greedy_selection(members, labels, size=2).weights, [1.0, 0.0])
+
+
 def test_nll_optimal_is_no_worse_than_uniform_and_prefers_the_better_members():
     fitted = nll_optimal(MEMBERS, LABELS)
     assert fitted.method == "nll"

@@ -215,7 +215,9 @@ def case_changed_flag_on_ensemble_resume(tmp_path, tuned):
 
 def case_checkpoint_of_another_architecture(tmp_path, tuned):
     out = tmp_path / "run"
-    first = run_cli("train", "--epochs", "1", "--limit-per-class", "2", "--out", str(out))
+    first = run_cli(
+        *("train", "--epochs", "1", "--limit-per-class", "2", "--out", str(out)), cwd=tmp_path
+    )
     assert first.returncode == 0, first.stderr
     config = _yaml(tmp_path, "arch: resnet34\nepochs: 2\n", "config.yaml")
     return ["train", "--config", str(config), "--out", str(out), "--resume"], "arch='resnet18'"
@@ -224,13 +226,28 @@ def case_checkpoint_of_another_architecture(tmp_path, tuned):
 CASES = [value for name, value in sorted(globals().items()) if name.startswith("case_")]
 
 
+def _files(*roots: Path) -> dict[Path, tuple[int, int] | None]:
+    """Every file under `roots` with its size and modification time, and every folder
+    (present or not: a probe file made and deleted inside one changes its time)."""
+    return {
+        path: None if path.is_dir() else (path.stat().st_size, path.stat().st_mtime_ns)
+        for root in roots
+        for path in root.rglob("*")
+    }
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__[5:])
 def test_user_mistakes_are_one_line_errors(case, tmp_path, tuned):
+    """Run in tmp_path, so default outputs (runs/, predictions.csv) would land there; the
+    shared tune run's storage is watched too: no case adds, removes or rewrites a file."""
     args, culprit = case(tmp_path, tuned)
-    before = {p for p in tmp_path.rglob("*")}
-    result = run_cli(*args)
+    before = _files(tmp_path, tuned.parent)
+    result = run_cli(*args, cwd=tmp_path)
     assert_user_error(result, culprit)
-    assert {p for p in tmp_path.rglob("*")} == before, "left partial output behind"
+    after = _files(tmp_path, tuned.parent)
+    changed = sorted(str(p) for p in before.keys() ^ after.keys())
+    changed += sorted(str(p) for p in before.keys() & after.keys() if before[p] != after[p])
+    assert not changed, f"left partial output behind: {changed}"
 
 
 def test_only_the_options_typed_count_as_given():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
@@ -69,6 +70,8 @@ def test_report_writes_markdown_and_three_pngs_and_nothing_else(tmp_path, splits
 
 
 def test_reliability_without_a_name_column_still_plots(tmp_path):
+    """The curve is drawn, not only the axes and the grey diagonal: the PNG, read back, holds
+    pixels of the first line colour (tab:blue, the unnamed table's markers and line)."""
     write_report(
         tmp_path,
         metrics=metrics_frame(),
@@ -76,7 +79,13 @@ def test_reliability_without_a_name_column_still_plots(tmp_path):
         reliability=reliability_table(PROBS["final"], LABELS),
         title="t",
     )
-    assert (tmp_path / "reliability.png").read_bytes().startswith(PNG_SIGNATURE)
+    path = tmp_path / "reliability.png"
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    pixels = matplotlib.image.imread(path)[..., :3]  # floats in [0, 1]
+    assert pixels.std() > 0.05  # not a blank canvas
+    tab_blue = np.array([0x1F, 0x77, 0xB4]) / 255
+    curve = np.abs(pixels - tab_blue).max(axis=-1) < 0.02
+    assert curve.sum() > 500, curve.sum()  # markers and line (a legend swatch alone: ~110)
 
 
 def test_markdown_table_formats_floats_escapes_pipes_and_blanks_nan():

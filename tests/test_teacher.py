@@ -13,6 +13,8 @@ def test_ema_update_follows_warmup_formula_for_params_and_buffers():
     teacher = EmaTeacher(student, decay=0.9)
     before = [p.clone() for p in teacher.module.parameters()]
     with torch.no_grad():
+        for _ in range(3):  # three training-mode forwards: num_batches_tracked becomes 3
+            student(torch.randn(4, 3))
         for p in student.parameters():
             p.add_(1.0)
         student[1].running_mean.fill_(2.0)
@@ -33,7 +35,9 @@ def test_ema_update_follows_warmup_formula_for_params_and_buffers():
         assert torch.allclose(new, 0.9 * old + 0.1 * theirs, atol=1e-6)
     after = teacher.module.parameters()
     assert not any(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert teacher.module[1].num_batches_tracked == student[1].num_batches_tracked
+    # the integer counter is copied, not averaged nor left at the teacher's starting 0
+    assert teacher.module[1].num_batches_tracked.item() == 3
+    assert teacher.module[1].num_batches_tracked.dtype == torch.long
 
 
 def test_warmup_decay_sequence():
@@ -52,6 +56,24 @@ def test_soft_pseudo_labels_mix_teacher_and_truth():
     assert torch.allclose(labels.sum(1), torch.ones(1))
 
 
+def test_soft_pseudo_labels_temper_the_teacher():
+    """At T = 2 the teacher's odds 1 : 3 become 1 : sqrt(3), so the labels differ from T = 1."""
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    labels = soft_pseudo_labels(logits, torch.tensor([0]), temperature=2.0, mix=0.5)
+    high = math.sqrt(3.0) / (1.0 + math.sqrt(3.0))  # about 0.634, not 0.75
+    expected = torch.tensor([[0.5 * (1.0 - high) + 0.5, 0.5 * high]])
+    assert torch.allclose(labels, expected, atol=1e-6), labels
+
+
 def test_rampup_goes_from_small_to_one():
     assert rampup(0.0, 5) == math.exp(-5)
     assert rampup(5.0, 5) == 1.0 == rampup(9.0, 5) == rampup(0.0, 0)
+
+
+def test_rampup_follows_the_squared_exponent_inside_the_ramp():
+    """exp(-5 (1 - t)^2) at interior points, worked out by hand: t = 0.5 gives
+    exp(-1.25) (exp(-2.5) without the square), t = 0.2 gives exp(-3.2), t = 0.8 exp(-0.2)."""
+    assert math.isclose(rampup(2.5, 5), math.exp(-1.25), rel_tol=1e-12)
+    assert math.isclose(rampup(1.0, 5), math.exp(-3.2), rel_tol=1e-12)
+    assert math.isclose(rampup(4.0, 5), math.exp(-0.2), rel_tol=1e-12)
+    assert math.isclose(rampup(-1.0, 5), math.exp(-5), rel_tol=1e-12)  # clamped below

@@ -38,6 +38,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_same_arch(state: dict[str, Any], config: RecipeConfig) -> None:
+    """A run resumes only on the backbone its checkpoint was trained with."""
+    theirs = state["config"].get("arch")
+    if theirs != config.arch:
+        raise CheckpointError(f"checkpoint was trained with arch={theirs!r}, not {config.arch!r}")
+
+
 def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
     """load_state_dict with a one-line error instead of a page of mismatched keys."""
     try:

@@ -33,7 +33,7 @@ from ar_ray.recipe.augment import (
     to_unit_float,
 )
 from ar_ray.recipe.batch_augment import BatchAugment
-from ar_ray.recipe.checkpoint import CheckpointError, load_weights
+from ar_ray.recipe.checkpoint import check_same_arch, load_weights
 from ar_ray.recipe.losses import contrastive_regularization, dominant_labels, soft_cross_entropy
 from ar_ray.recipe.losses import symmetric_cross_entropy as sce
 from ar_ray.recipe.models import ARNet, place_model
@@ -256,11 +256,7 @@ class _Run:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        theirs = state["config"].get("arch")
-        if theirs != self.config.arch:
-            raise CheckpointError(
-                f"checkpoint was trained with arch={theirs!r}, not {self.config.arch!r}"
-            )
+        check_same_arch(state, self.config)
         load_weights(self.model, state["model"], "checkpoint")
         if state.get("teacher"):
             self.teacher = EmaTeacher(self.model, self.config.mt_decay)
