@@ -367,9 +367,9 @@ def test_member_resumed_after_a_failure_ends_where_an_uninterrupted_one_does(
                 marker.write_text(json.dumps(state["history"]))
             member_train_loop(loop_config)
             return
-        import ar_ray.members as members
+        import ar_ray.checkpointed_fit as checkpointed
 
-        real_fit = members.fit
+        real_fit = checkpointed.fit
 
         def fit_failing_after_epoch_one(*args, on_epoch, **kwargs):
             def report_then_fail(metrics, state):
@@ -378,11 +378,11 @@ def test_member_resumed_after_a_failure_ends_where_an_uninterrupted_one_does(
 
             return real_fit(*args, on_epoch=report_then_fail, **kwargs)
 
-        members.fit = fit_failing_after_epoch_one
+        checkpointed.fit = fit_failing_after_epoch_one
         try:
             member_train_loop(loop_config)
         finally:
-            members.fit = real_fit
+            checkpointed.fit = real_fit
 
     from ar_ray.config import RecipeConfig
 
