@@ -351,8 +351,8 @@ TIMINGS = ["epoch_seconds", "started_at", "finished_at"]
 def test_member_resumed_after_a_failure_ends_where_an_uninterrupted_one_does(
     ray_cluster, small_splits, tmp_path
 ):
-    """Two DDP workers (gloo). The first attempt dies right after epoch 1 was checkpointed;
-    the retry resumes from that checkpoint (epoch 1's record, timings included, is the
+    """Two DDP workers (gloo). The first attempt dies at the end of epoch 2, before reporting
+    it; the retry resumes from epoch 1's checkpoint (epoch 1's record, timings included, is the
     first attempt's) and ends with the weights and every epoch's metrics of an
     uninterrupted member of the same config. Mixup draws from each rank's global RNG, so
     the ranks' random state must be rebuilt on resume, not only the weights."""
@@ -371,14 +371,19 @@ def test_member_resumed_after_a_failure_ends_where_an_uninterrupted_one_does(
 
         real_fit = checkpointed.fit
 
-        def fit_failing_after_epoch_one(*args, on_epoch, **kwargs):
-            def report_then_fail(metrics, state):
-                on_epoch(metrics, state)  # epoch 1 reported and checkpointed
-                raise RuntimeError("injected failure after epoch 1")
+        def fit_failing_in_epoch_two(*args, on_epoch, **kwargs):
+            """Not right after epoch 1's report: Train's controller takes that report in
+            asynchronously, and a worker that dies at once can beat it (seen on a loaded
+            machine: every retry started without a checkpoint)."""
 
-            return real_fit(*args, on_epoch=report_then_fail, **kwargs)
+            def fail_before_reporting_epoch_two(metrics, state):
+                if metrics["epoch"] == 2:
+                    raise RuntimeError("injected failure in epoch 2")
+                on_epoch(metrics, state)
 
-        checkpointed.fit = fit_failing_after_epoch_one
+            return real_fit(*args, on_epoch=fail_before_reporting_epoch_two, **kwargs)
+
+        checkpointed.fit = fit_failing_in_epoch_two
         try:
             member_train_loop(loop_config)
         finally:
