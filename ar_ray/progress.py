@@ -126,6 +126,21 @@ class EpochUpdate:
     node: str
     epoch_seconds: float
 
+    @classmethod
+    def from_metrics(
+        cls, member_id: str, total_epochs: int, node: str, metrics: Mapping[str, Any]
+    ) -> EpochUpdate:
+        """From the engine's epoch metrics (`epoch`, `val_top1`, `epoch_seconds`), as a Train
+        loop or a Tune result carries them."""
+        return cls(
+            member_id=member_id,
+            epoch=int(metrics["epoch"]),
+            total_epochs=total_epochs,
+            val_top1=float(metrics["val_top1"]),
+            node=node,
+            epoch_seconds=float(metrics["epoch_seconds"]),
+        )
+
 
 @dataclass
 class _Member:
@@ -228,14 +243,7 @@ class ProgressHandle:
         node = ray.get_runtime_context().get_node_id()
 
         def report(metrics: Mapping[str, Any]) -> None:
-            update = EpochUpdate(
-                member_id=member_id,
-                epoch=int(metrics["epoch"]),
-                total_epochs=total_epochs,
-                val_top1=float(metrics["val_top1"]),
-                node=node,
-                epoch_seconds=float(metrics["epoch_seconds"]),
-            )
+            update = EpochUpdate.from_metrics(member_id, total_epochs, node, metrics)
             with suppress(RayError):  # the view is gone: training goes on without it
                 self.queue.put_nowait(update)
 

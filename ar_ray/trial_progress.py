@@ -39,24 +39,16 @@ class TrialProgress(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
         if self._view is None or "epoch" not in result:
             return
-        self._view.add(
-            EpochUpdate(
-                member_id=f"trial {trial.trial_id}",
-                epoch=int(result["epoch"]),
-                total_epochs=self.total_epochs,
-                val_top1=float(result["val_top1"]),
-                node=str(result.get("node", "")),
-                epoch_seconds=float(result["epoch_seconds"]),
-            )
-        )
+        node = str(result.get("node", ""))
+        self._view.add(EpochUpdate.from_metrics(_row(trial), self.total_epochs, node, result))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self._view is not None:  # a trial at its last epoch is already shown as done
-            self._view.end(f"trial {trial.trial_id}", ASHA_STOPPED)
+            self._view.end(_row(trial), ASHA_STOPPED)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self._view is not None:
-            self._view.end(f"trial {trial.trial_id}", "failed")
+            self._view.end(_row(trial), "failed")
 
     def on_step(self, iteration: int, trials: list, **info: Any) -> None:
         if self._view is not None:  # a terminal's ETAs move between epochs
@@ -65,3 +57,8 @@ class TrialProgress(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._view is not None:
             self._view.refresh(force=True)
+
+
+def _row(trial: Any) -> str:
+    """A trial's name in the view: its id as the leaderboard shows it."""
+    return f"trial {trial.trial_id}"
