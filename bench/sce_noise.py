@@ -224,7 +224,9 @@ def report(args, splits: DatasetSplits, name: str) -> None:
             f"{args.epochs} epochs, default light augmentation, cr_weight=0, mt_weight=0; SCE arms "
             f"alpha={args.alpha:g}, beta={args.beta:g}; CE is alpha=1, beta=0. Seeds "
             f"{args.seeds}, arms rotated per seed; test top-1 (%) of the last epoch's model, "
-            f"centre crop. Training took {wall:.1f} min in all."
+            f"centre crop. Training the {len(runs)} runs took {wall:.1f} min in all (CE runs are "
+            "shared by every --alpha/--beta), on a machine shared with other jobs whose load "
+            "varied, so train_seconds is not a speed measurement."
         ),
         f"Command: `python bench/sce_noise.py --epochs {args.epochs} --noise {args.noise:g} "
         f"--alpha {args.alpha:g} --beta {args.beta:g} --seeds {' '.join(map(str, args.seeds))}`"
