@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,9 @@ class RecipeConfig:
     # attract: Symmetric Cross Entropy
     sce_alpha: float = 1.0
     sce_beta: float = 0.5
-    sce_log_zero: float = -4.0
+    # A, RCE's log 0: ln 1e-4 as in the released code (the paper's text says -4); see
+    # ar_ray/recipe/losses.py SCE_LOG_ZERO, which must stay equal to it
+    sce_log_zero: float = math.log(1e-4)
 
     # repulse: Contrastive Regularization
     cr_weight: float = 0.1
