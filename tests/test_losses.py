@@ -1,7 +1,10 @@
 """The loss maths against definitions computed by hand or by naive loops."""
 
+import inspect
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,7 @@ from ar_ray.recipe.losses import (
     supcon,
     symmetric_cross_entropy,
 )
+from ar_ray.search_space import load_search_space
 
 
 def test_sce_with_alpha_one_beta_zero_is_cross_entropy():
@@ -48,21 +52,79 @@ def test_sce_soft_targets_equal_hard_for_one_hot_and_mix_linearly_in_ce():
     assert torch.allclose(soft_cross_entropy(logits, soft), ce_soft, atol=1e-6)
 
 
-def naive_nt_xent(z1, z2, tau):
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    n, batch = len(z), len(z1)
-    total = 0.0
-    for i in range(n):
-        twin = (i + batch) % n
-        denominator = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n) if k != i)
-        total += -math.log(math.exp(float(z[i] @ z[twin]) / tau) / denominator)
-    return total / n
+def released_sce(logits, targets, alpha, beta):
+    """SCE as the authors' released code computes it, written out in numpy (float64).
+
+    YisenWang/symmetric_cross_entropy_for_noisy_labels (Keras) and its PyTorch reproduction
+    HanxunH/SCELoss-Reproduce: `ce = CrossEntropy(logits, y)`, `p = clamp(softmax, 1e-7, 1)`,
+    `rce = -sum(p * log(clamp(y, 1e-4, 1)))`, `alpha * mean(ce) + beta * mean(rce)`. `targets`
+    are rows of a distribution (one-hot for a hard label), so the same formula covers the
+    Mixup/CutMix targets the engine passes.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    ce = -(y * log_p).sum(axis=1)
+    p = np.clip(np.exp(log_p), 1e-7, 1.0)
+    rce = -(p * np.log(np.clip(y, 1e-4, 1.0))).sum(axis=1)
+    return alpha * ce.mean() + beta * rce.mean()
 
 
-def test_nt_xent_equals_double_loop_reference():
-    torch.manual_seed(0)
-    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
-    assert math.isclose(nt_xent(z1, z2, 0.5).item(), naive_nt_xent(z1, z2, 0.5), rel_tol=1e-5)
+RELEASED_WEIGHTS = [(0.1, 1.0), (6.0, 0.1), (1.0, 0.5)]  # CIFAR-10, CIFAR-100, ar-ray's
+
+
+@pytest.mark.parametrize(("alpha", "beta"), RELEASED_WEIGHTS)
+def test_sce_default_matches_the_released_code_on_hard_labels(alpha, beta):
+    """Called as the engine calls it (the config's sce_log_zero), SCE is the released loss."""
+    generator = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(16, 10, generator=generator)
+    labels = torch.randint(0, 10, (16,), generator=generator)
+    expected = released_sce(logits, np.eye(10)[labels.numpy()], alpha, beta)
+    log_zero = RecipeConfig().sce_log_zero
+    got = symmetric_cross_entropy(logits, labels, alpha, beta, log_zero).item()
+    assert math.isclose(got, expected, rel_tol=1e-6)
+    # ... and the function's own default is the config's, so no caller can get the other A
+    assert symmetric_cross_entropy(logits, labels, alpha, beta).item() == got
+
+
+def test_sce_default_log_zero_is_the_released_clamp():
+    """A = ln 1e-4 (released code), not the paper text's -4: one value in both places."""
+    assert RecipeConfig().sce_log_zero == math.log(1e-4)
+    default = inspect.signature(symmetric_cross_entropy).parameters["log_zero"].default
+    assert default == RecipeConfig().sce_log_zero
+
+
+SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda path: path.name)
+def test_shipped_search_spaces_search_alpha_beta_with_the_released_log_zero(path):
+    """The alpha/beta ranges sit around the released CIFAR-10 setting (0.1, 1.0), which was
+    tuned with A = ln 1e-4: every shipped space fixes that A, and it is the default."""
+    space = load_search_space(path)
+    assert space.fixed["sce_log_zero"] == math.log(1e-4) == RecipeConfig().sce_log_zero
+    alpha, beta = space.searched["sce_alpha"].values, space.searched["sce_beta"].values
+    assert alpha[0] <= 0.1 <= alpha[1] and beta[0] <= 1.0 <= beta[1]
+
+
+def test_sce_matches_the_released_formula_on_soft_targets():
+    """Mixup/CutMix rows (two classes, lambda and 1 - lambda, zeros elsewhere) and a
+    label-smoothed row: entries above 1e-4 enter the log unchanged, the zeros and an entry
+    of 1e-5 are clamped to 1e-4, and CE is the expectation over the target."""
+    generator = torch.Generator().manual_seed(5)
+    logits = 2 * torch.randn(5, 6, generator=generator)
+    targets = torch.zeros(5, 6)
+    targets[0, [1, 4]] = torch.tensor([0.7, 0.3])
+    targets[1, [0, 2]] = torch.tensor([0.5, 0.5])
+    targets[2, [3, 5]] = torch.tensor([1 - 1e-5, 1e-5])  # 1e-5 sits below the clamp
+    targets[3] = 0.02
+    targets[3, 2] = 0.9  # label smoothing: every entry above the clamp
+    targets[4, 5] = 1.0  # a one-hot row among them
+    for alpha, beta in RELEASED_WEIGHTS:
+        expected = released_sce(logits, targets, alpha, beta)
+        got = symmetric_cross_entropy(logits, targets, alpha, beta, math.log(1e-4)).item()
+        assert math.isclose(got, expected, rel_tol=1e-6), (alpha, beta)
 
 
 def test_nt_xent_is_small_when_views_coincide_and_large_when_random():
@@ -106,29 +168,61 @@ def test_supcon_with_several_positives_per_anchor_matches_the_hand_computed_valu
     assert math.isclose(got, expected, rel_tol=1e-6)
 
 
-def naive_supcon(z1, z2, labels, tau):
-    """Khosla et al. (2020), eq. 2, written as loops over anchors and positives."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1).tolist()
-    label = labels.tolist() * 2
-    n, total = len(z), 0.0
+def khosla_supcon(views, view_labels, temperature, base_temperature):
+    """Khosla et al. (2020), eq. 2, one anchor at a time, in plain Python floats.
+
+    `views` are the 2B projections (view 1 of every image, then view 2), `view_labels` the
+    class each stands for. For anchor i, with A(i) every other view and P(i) those of its
+    class: L_i = -(tau / base_tau) / |P(i)| * sum_{p in P(i)} log(exp(s_ip) / sum_{a in A(i)}
+    exp(s_ia)), s = cosine / tau. The loss is the mean of L_i over the anchors with a
+    positive (the reference code's `loss.view(anchor_count, batch_size).mean()`).
+    """
+    unit = []
+    for v in views.tolist():
+        norm = math.sqrt(sum(x * x for x in v))
+        unit.append([x / norm for x in v])
+    n, losses = len(unit), []
     for i in range(n):
+        others = [a for a in range(n) if a != i]
+        positives = [a for a in others if view_labels[a] == view_labels[i]]
+        if not positives:
+            continue
+        sim = {
+            a: sum(x * y for x, y in zip(unit[i], unit[a], strict=True)) / temperature
+            for a in others
+        }
+        denominator = sum(math.exp(sim[a]) for a in others)
+        mean_log_prob = sum(math.log(math.exp(sim[p]) / denominator) for p in positives)
+        mean_log_prob /= len(positives)
+        losses.append(-(temperature / base_temperature) * mean_log_prob)
+    return sum(losses) / len(losses)
 
-        def sim(k, i=i):
-            return sum(a * b for a, b in zip(z[i], z[k], strict=True)) / tau
 
-        others = [k for k in range(n) if k != i]
-        positives = [k for k in others if label[k] == label[i]]
-        log_denominator = math.log(sum(math.exp(sim(k)) for k in others))
-        total += -sum(sim(p) - log_denominator for p in positives) / len(positives)
-    return total / n
+@pytest.mark.parametrize("temperature", [0.07, 0.2, 1.0])
+@pytest.mark.parametrize("variant", ["ntxent", "supcon"])
+def test_contrastive_losses_equal_the_per_anchor_supcon_definition(variant, temperature):
+    """Both CR variants against eq. 2 with base_temperature = temperature.
 
-
-def test_supcon_equals_the_loop_reference_with_uneven_classes():
-    torch.manual_seed(1)
-    z1, z2 = torch.randn(7, 5), torch.randn(7, 5)
-    labels = torch.tensor([0, 0, 0, 1, 1, 2, 0])  # 1 to 7 positives per anchor
-    got = supcon(z1, z2, labels, 0.2).item()
-    assert math.isclose(got, naive_supcon(z1, z2, labels, 0.2), rel_tol=1e-5)
+    SupCon's positives are the other views of the anchor's class; NT-Xent is SupCon whose
+    only positive is the anchor's twin view (every image its own class). Classes are uneven
+    (1 to 4 images: 1 to 7 positives per anchor) and projections are not unit length.
+    Checked through the function itself and through `contrastive_regularization`, which
+    the engine calls.
+    """
+    generator = torch.Generator().manual_seed(11)
+    z1 = torch.randn(9, 6, generator=generator) * 2
+    z2 = z1 + 0.5 * torch.randn(9, 6, generator=generator)  # twins closer than strangers
+    labels = torch.tensor([0, 0, 1, 0, 2, 2, 0, 1, 3])
+    if variant == "supcon":
+        view_labels = labels.tolist() * 2
+        direct = supcon(z1, z2, labels, temperature)
+    else:
+        view_labels = list(range(9)) * 2
+        direct = nt_xent(z1, z2, temperature)
+    expected = khosla_supcon(torch.cat([z1, z2]), view_labels, temperature, temperature)
+    dispatched = contrastive_regularization(z1, z2, temperature, variant, labels)
+    assert math.isclose(direct.item(), expected, rel_tol=1e-5)
+    assert math.isclose(dispatched.item(), expected, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["ntxent", "supcon"])

@@ -9,6 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ar_ray.config import SCE_LOG_ZERO
+
 
 def as_distribution(targets: Tensor, num_classes: int) -> Tensor:
     """Hard labels become one-hot rows so every loss below handles Mixup/teacher targets too."""
@@ -18,13 +20,16 @@ def as_distribution(targets: Tensor, num_classes: int) -> Tensor:
 
 
 def symmetric_cross_entropy(
-    logits: Tensor, targets: Tensor, alpha: float, beta: float, log_zero: float = -4.0
+    logits: Tensor, targets: Tensor, alpha: float, beta: float, log_zero: float = SCE_LOG_ZERO
 ) -> Tensor:
     """SCE (Wang et al. 2019): `alpha * CE + beta * RCE`, mean over the batch.
 
     RCE swaps prediction and label, `-sum_k p_k log q_k`; `log 0` is undefined, so the label
-    is clamped from below at `exp(log_zero)` (the paper's A = -4), which leaves one-hot labels
-    at exactly `log 1 = 0` and `A` and lets soft labels through unchanged above that floor.
+    is clamped from below at `exp(log_zero)` (A; the released code's 1e-4 by default), which
+    leaves one-hot labels at exactly `log 1 = 0` and `A` and lets soft labels through
+    unchanged above that floor. As in the released code's PyTorch reproduction, CE is taken
+    on the logits; unlike it, the softmax in RCE is not clamped at 1e-7 (a class below 1e-7
+    moves RCE by less than 1e-7 * |A| per class).
     """
     q = as_distribution(targets, logits.shape[1])
     log_p = F.log_softmax(logits, dim=1)
