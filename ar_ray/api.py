@@ -12,6 +12,7 @@ that was stated and differs from the record, as `--resume` refuses only a typed 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -36,6 +37,7 @@ from ar_ray.resources import (
     local_cpus,
     stated,
 )
+from ar_ray.search_plan import SearchPlan
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only inside the workflows that need them
     from ar_ray.ensembling import EnsembleResult
@@ -49,10 +51,12 @@ LOCATING_OPTIONS = frozenset({"storage", "name", "run"})
 
 @dataclass
 class TuneResult:
-    """A finished search: its leaderboard (best first) and where it lives."""
+    """A finished search: its leaderboard (best first), where it lives and what it was
+    planned to cost (`plan_only=True`: the plan alone, an empty leaderboard)."""
 
     leaderboard: pd.DataFrame
     run: str  # <storage>/<name>: what `ensemble` takes
+    plan: SearchPlan
 
     @property
     def leaderboard_path(self) -> str:
@@ -100,6 +104,27 @@ def _positive(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value: str | float | None, option: str) -> float | None:
+    """`6h`, `90m`, `45s`, `1.5d` or a number of seconds; None stays None."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    scale = DURATION_UNITS.get(text[-1:])
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise UserError(
+            f"--{option.replace('_', '-')}={value}: expected a positive duration "
+            "such as 6h, 90m or 3600"
+        )
+    return seconds
 
 
 def _default(cls: type, name: str, value: Any) -> Any:
@@ -218,16 +243,22 @@ def tune(
     grace_period: int | None = None,
     max_failures: int | None = None,
     seed: int | None = None,
+    time_budget: str | float | None = None,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     verbose: bool = False,
+    plan_only: bool = False,
 ) -> TuneResult:
     """`ar-ray tune`: Optuna (TPE) proposes configs of `space`, ASHA stops weak trials.
 
     Defaults: 16 trials, the space's epochs, 1 CPU and 0 GPUs per trial, grace period 1,
-    2 retries per failed trial, seed 0; outputs under `<storage>/<name>`. A line per trial
-    epoch is printed; `verbose` adds Ray's own output (Tune's boxes, workers' notices).
+    2 retries per failed trial, seed 0, no time budget; outputs under `<storage>/<name>`.
+    The plan (epochs expected under ASHA and at most) is printed before Ray starts, and
+    again in device-hours once an epoch has been timed; `plan_only` stops after the first
+    print, touching nothing. `time_budget` (`6h`, or seconds) ends the search there and
+    ranks the trials that ran. A line per trial epoch is printed; `verbose` adds Ray's own
+    output (Tune's boxes, workers' notices).
     """
     from ar_ray.cluster import connect
     from ar_ray.feasibility import Demand, failing_fast
@@ -241,6 +272,7 @@ def tune(
         request_path,
         resolve_first_rung,
         run_tune,
+        search_plan,
         trial_resources,
     )
     from ar_ray.search_space import load_search_space
@@ -250,6 +282,7 @@ def tune(
         limit_per_class=limit_per_class, cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
         grace_period=grace_period, max_failures=max_failures, seed=seed,
+        time_budget=time_budget,
     )  # fmt: skip
     _positive(
         trials=trials,
@@ -277,10 +310,10 @@ def tune(
         grace_period=_default(TuneRequest, "grace_period", grace_period),
         max_failures=_default(TuneRequest, "max_failures", max_failures),
         seed=_default(TuneRequest, "seed", seed),
+        time_budget=duration_seconds(time_budget, "time_budget"),
     )
-    store.ensure_writable(experiment_root(request))
-    prepare_experiment_dir(experiment_dir(request), resume=resume, overwrite=overwrite)
     if resume:  # the recorded request goes on; an option that disagrees with it is refused
+        prepare_experiment_dir(experiment_dir(request), resume=True, overwrite=False)
         recorded = from_record(TuneRequest, _recorded(request_path(request)))
         refuse_changed_options(given, asdict(request), asdict(recorded), request_path(request))
         if recorded.data != request.data:
@@ -288,6 +321,14 @@ def tune(
         request = recorded
     else:  # a searched key that can never act fails here, before Ray starts
         request = resolve_first_rung(request, loaded)
+    plan = search_plan(request, loaded)
+    for line in plan.lines():
+        print(line, flush=True)
+    if plan_only:
+        return TuneResult(leaderboard=pd.DataFrame(), run=experiment_root(request), plan=plan)
+    store.ensure_writable(experiment_root(request))
+    if not resume:
+        prepare_experiment_dir(experiment_dir(request), resume=False, overwrite=overwrite)
     embedded = connect(address)
     trial_demand = [Demand("trial", "trial", trial_resources(request))]
     with failing_fast(trial_demand, embedded), ray_output(verbose):
@@ -299,7 +340,7 @@ def tune(
             experiment=experiment_root(request),
         )
         board = run_tune(request, loaded, splits, resume=resume, verbose=verbose)
-    return TuneResult(leaderboard=board, run=experiment_root(request))
+    return TuneResult(leaderboard=board, run=experiment_root(request), plan=plan)
 
 
 def ensemble(

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grace-period", type=int, help="epochs before ASHA may stop (default 1)")
     tune.add_argument("--max-failures", type=int, help="retries per failed trial (default 2)")
     tune.add_argument("--seed", type=int, help="the search's seed (default 0)")
+    tune.add_argument(
+        "--time-budget", help="end the search after this long (6h, 90m, seconds); default none"
+    )
+    tune.add_argument(
+        "--plan", dest="plan_only", action="store_true", help="print the epoch plan and exit"
+    )
     tune.add_argument("--resume", action="store_true", help="continue the experiment --name")
     tune.add_argument("--overwrite", action="store_true", help="replace the experiment --name")
     tune.set_defaults(handler=_tune)
@@ -175,6 +181,8 @@ def _tune(args: argparse.Namespace) -> int:
     from ar_ray.search_space import load_search_space
 
     result = api.tune(args.space, **_options(args, api.tune))
+    if args.plan_only:
+        return 0
     print_leaderboard(result.leaderboard, load_search_space(args.space))
     print(f"leaderboard: {result.leaderboard_path}")
     return 0

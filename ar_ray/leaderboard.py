@@ -49,6 +49,8 @@ def leaderboard(
     for result in grid:
         metrics = result.metrics or {}
         epochs_run = int(metrics.get("epoch", 0))
+        if not epochs_run and result.error is None:
+            continue  # never started: a search stopped by its time budget had it queued
         trial_id = metrics.get("trial_id") or Path(result.path).name
         row = {
             "trial_id": trial_id,

@@ -108,7 +108,10 @@ class _Console:
         self._drawn, self._drawn_at = len(lines), now
 
     def line(self, text: str) -> None:
-        self._write(text + "\n")
+        """Append a line; on a terminal it replaces the block, to be drawn again below it."""
+        up = _CURSOR_UP.format(self._drawn) if self._drawn else ""
+        self._write(f"{up}{_CLEAR_LINE if up else ''}{text}\n")
+        self._drawn = 0
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
@@ -206,6 +209,11 @@ class MemberView:
         if member is not None and not member.done:
             member.ended = reason
             self._show(member)
+
+    def note(self, text: str) -> None:
+        """A line that is not a member's (the plan in hours): kept above a live table."""
+        self._console.line(text)
+        self.refresh(force=True)
 
     def _show(self, member: _Member) -> None:
         if self._console.live:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import TimeoutStopper
 
 from ar_ray import staged, storage
 from ar_ray.checkpointed_fit import RaySession, checkpointed_fit
@@ -35,8 +37,10 @@ from ar_ray.leaderboard import (
     leaderboard,
 )
 from ar_ray.outputs import environment_info
+from ar_ray.progress import format_duration
 from ar_ray.ray_output import tune_verbosity
 from ar_ray.resources import Resources
+from ar_ray.search_plan import SearchPlan, flat_search
 from ar_ray.search_space import SearchSpace
 from ar_ray.trial_progress import TrialProgress
 
@@ -65,6 +69,31 @@ class TuneRequest:
     reduction_factor: int = 3
     max_failures: int = 2
     seed: int = 0
+    time_budget: float | None = None  # seconds of search; None: no limit
+
+
+BUDGET_REACHED = "time_budget_reached"
+"""A marker in the experiment folder: the search ended at its time budget."""
+
+
+class TimeBudget(TimeoutStopper):
+    """Tune's time budget that leaves a marker when it ends the search.
+
+    Tune stops every running trial at the budget (each keeps its last checkpoint) and starts
+    no more, then returns its grid as it does on Ctrl+C. The marker tells the two apart, so a
+    search that ran out of time writes its leaderboard instead of reporting an interruption.
+    Tune pickles the stopper with the experiment: a resumed search gets what was left.
+    """
+
+    def __init__(self, seconds: float, marker: str) -> None:
+        super().__init__(seconds)
+        self.marker = marker
+
+    def stop_all(self) -> bool:
+        reached = super().stop_all()
+        if reached and not storage.exists(self.marker):
+            storage.write_text(self.marker, f"{self._timeout_seconds:g}\n")
+        return reached
 
 
 class EarlyStopAwareOptunaSearch(OptunaSearch):
@@ -163,6 +192,12 @@ def _build_tuner(
         reduction_factor=request.reduction_factor,
     )
     root = experiment_root(request)
+    hours_line = partial(
+        search_plan(request, space).hours_line,
+        gpus=request.gpus_per_trial,
+        cpus=request.cpus_per_trial,
+    )
+    budget = request.time_budget
     return tune.Tuner(
         trial_trainable(splits, base, request),
         param_space=space.to_tune(),
@@ -180,9 +215,20 @@ def _build_tuner(
             failure_config=tune.FailureConfig(max_failures=request.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=tune_verbosity(verbose),
-            callbacks=[TrialProgress(base.epochs)],
+            callbacks=[TrialProgress(base.epochs, hours_line)],
+            stop=None if budget is None else TimeBudget(budget, budget_marker(request)),
         ),
     )
+
+
+def search_plan(request: TuneRequest, space: SearchSpace) -> SearchPlan:
+    """The search's epochs, expected under ASHA and at most, from the resolved request."""
+    epochs = base_config(request, space).epochs
+    return flat_search(request.trials, epochs, request.first_rung, request.reduction_factor)
+
+
+def budget_marker(request: TuneRequest) -> str:
+    return storage.join(experiment_dir(request), BUDGET_REACHED)
 
 
 def base_config(request: TuneRequest, space: SearchSpace) -> RecipeConfig:
@@ -230,11 +276,24 @@ def run_tune(
             "request": asdict(request),
             "base_config": base.to_dict(),
             "stored_size": splits.stored_size,  # the side images were decoded to (data.size)
+            "plan": search_plan(request, space).record(),
             "env": environment_info(),
         }
         storage.write_text(request_path(request), yaml.safe_dump(record, sort_keys=False))
     grid = tuner.fit()
-    if trials_that_ran(grid) < request.trials:  # Tune returns on SIGINT
+    ran = trials_that_ran(grid)
+    if storage.exists(budget_marker(request)):
+        if not ran:
+            raise UserError(
+                f"--time-budget {format_duration(request.time_budget)} ran out before any trial "
+                f"of {path} finished an epoch: nothing to rank"
+            )
+        print(
+            f"time budget of {format_duration(request.time_budget)} reached: {ran} of "
+            f"{request.trials} trials ran; the leaderboard ranks them",
+            flush=True,
+        )
+    elif ran < request.trials:  # Tune returns on SIGINT
         raise Interrupted(f"tune experiment {path} stopped before all trials finished")
     board = leaderboard(grid, space, base.epochs, request.first_rung, optuna_states(path))
     storage.write_text(storage.join(path, LEADERBOARD), board.to_csv(index=False))

@@ -9,6 +9,7 @@ so no queue or actor is needed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ray import tune
@@ -24,10 +25,14 @@ class TrialProgress(tune.Callback):
     Tune pickles its callbacks into the experiment (`tuner.pkl`) and a resumed run brings
     them back, so the view (which holds the console stream) is made in `setup`, never
     pickled.
+
+    `hours_line(epoch_seconds)` is the search plan priced at a measured epoch time
+    (`SearchPlan.hours_line`): shown once, at the first epoch any trial reports.
     """
 
-    def __init__(self, total_epochs: int) -> None:
+    def __init__(self, total_epochs: int, hours_line: Callable[[float], str] | None = None) -> None:
         self.total_epochs = total_epochs
+        self.hours_line = hours_line
         self._view: MemberView | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -41,6 +46,9 @@ class TrialProgress(tune.Callback):
             return
         node = str(result.get("node", ""))
         self._view.add(EpochUpdate.from_metrics(_row(trial), self.total_epochs, node, result))
+        if self.hours_line is not None and "epoch_seconds" in result:
+            self._view.note(self.hours_line(float(result["epoch_seconds"])))
+            self.hours_line = None  # once: later epochs only refine what was said
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self._view is not None:  # a trial at its last epoch is already shown as done

@@ -106,6 +106,46 @@ def test_terminal_mode_redraws_the_table_in_place_at_most_every_refresh():
     assert CURSOR_UP.findall(terminal.getvalue()) == ["2", "3"]
 
 
+def _screen(written: str) -> list[str]:
+    """The rows a terminal shows after `written`: cursor-up-and-return moves to column 0 of
+    an earlier row, clear-line empties the row, text overwrites from the cursor on."""
+    rows, row, column = [""], 0, 0
+    for token in re.split(r"(\x1b\[\d+A\r|\x1b\[2K|\n)", written):
+        if match := CURSOR_UP.fullmatch(token):
+            row, column = row - int(match.group(1)), 0
+        elif token == "\x1b[2K":
+            rows[row] = ""
+        elif token == "\n":
+            row, column = row + 1, 0
+            rows.extend([""] * (row + 1 - len(rows)))
+        elif token:
+            line = rows[row].ljust(column)
+            rows[row] = line[:column] + token + line[column + len(token) :]
+            column += len(token)
+    return rows[:-1] if rows[-1] == "" else rows
+
+
+def test_a_note_stays_above_the_live_table_and_is_one_line_in_logs():
+    terminal, clock = Terminal(), FakeClock()
+    view = MemberView(terminal, clock, refresh_seconds=0.5, kind="trial")
+    view.add(_update("t1", 1, 10.0))
+    view.add(_update("t2", 1, 10.0))  # within the refresh interval: not drawn yet
+    view.note("plan: at 10.0 s per epoch (measured)")
+    clock.now += 1.0
+    view.add(_update("t1", 2, 10.0))
+    assert _screen(terminal.getvalue()) == [
+        "plan: at 10.0 s per epoch (measured)",
+        "trial  epoch  val top-1  node      elapsed  ETA ",
+        "t1     2/4    0.5000     01234567  0:20     0:20",
+        "t2     1/4    0.5000     01234567  0:11     0:29",
+    ]
+    logs = io.StringIO()
+    view = MemberView(logs, clock, kind="trial")
+    view.add(_update("t1", 1, 10.0))
+    view.note("plan: measured")
+    assert logs.getvalue().splitlines()[1:] == ["plan: measured"]
+
+
 def test_inference_logs_a_line_per_tenth_and_the_last_count_once():
     stream, clock = io.StringIO(), FakeClock()
     with InferenceProgress(100, stream, clock) as progress:

@@ -220,6 +220,29 @@ def _result_lines(experiment: Path, trial_id: str) -> list[str]:
     return result.read_text().splitlines()
 
 
+def test_time_budget_ends_the_search_and_ranks_the_trials_that_ran(
+    ray_cluster, small_splits, tmp_path, capsys
+):
+    """200 trials of 30 epochs cannot finish in 20 s on 2 CPUs: Tune stops at the
+    budget, the trials that ran are ranked, none that never started is listed, and the
+    plan was priced from the first measured epoch. ASHA rungs 1, 3, 9, 27 of 30: all
+    trials to 1, a third to 3, a ninth to 9, 1/27 to 27, 1/81 to 30."""
+    request = _request(tmp_path, trials=200, epochs=30, time_budget=20.0)
+    board = run_tune(request, load_search_space(QUICK), small_splits)
+    out = capsys.readouterr().out
+    saved = pd.read_csv(tmp_path / "t" / "tune" / "leaderboard.csv")
+    assert 1 <= len(saved) == len(board) < 200 and (saved["epochs_run"] >= 1).all()
+    assert f"time budget of 0:20 reached: {len(saved)} of 200 trials ran" in out
+    assert (tmp_path / "t" / "tune" / "time_budget_reached").exists()
+    assert "s per epoch (measured), expected" in out and "CPU-hours" in out
+    record = yaml.safe_load((tmp_path / "t" / "tune" / "request.yaml").read_text())
+    assert record["request"]["time_budget"] == 20.0
+    assert record["plan"] == {
+        "expected_epochs": pytest.approx(200 * (1 + 2 / 3 + 6 / 9 + 18 / 27 + 3 / 81), abs=0.1),
+        "worst_epochs": 6000,
+    }
+
+
 def test_a_retried_trial_continues_after_its_checkpoint(ray_cluster, small_splits, tmp_path):
     """The first attempt dies after epoch 1; Tune retries the trial, which must resume from
     epoch 1's checkpoint and report epoch 2 only, not train from scratch again."""
