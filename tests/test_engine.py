@@ -79,6 +79,34 @@ def test_resume_from_epoch_two_matches_uninterrupted_run(small_splits, tmp_path)
         assert torch.equal(value, full.state["teacher"]["module"][key]), key
 
 
+def test_stage_two_resumed_from_another_teachers_stage_one_is_the_run_from_scratch(
+    small_splits, tmp_path
+):
+    """A staged search trains stage one once, cut at `mt_start_epoch`, under whatever Mean
+    Teacher keys it was given, and resumes it with each searched set: the result must be
+    the run of that config from scratch, bit for bit, or the leaderboard's configs would not
+    reproduce. Stage one here had other weight, decay and temperature."""
+    tiny = small_splits.limit_per_class(4)
+    stage_two = RecipeConfig(
+        epochs=4, batch_size=8, mt_weight=1.0, mt_decay=0.9, mt_start_epoch=2,
+        mt_rampup_epochs=1.0, mt_temperature=1.0, mixup_alpha=0.4, seed=5,
+    )  # fmt: skip
+    other = stage_two.replace(mt_weight=0.3, mt_decay=0.99, mt_temperature=2.0)
+    cut = fit(other, tiny, until_epoch=2, on_epoch=_saving_to(tmp_path))
+    assert [m["epoch"] for m in cut.history] == [1, 2] and cut.state["teacher"] is None
+    resumed = fit(stage_two, tiny, resume_from=load_checkpoint(tmp_path / "epoch2.pt"))
+    scratch = fit(stage_two, tiny)
+    # stage one is the full run's first two epochs, learning rates included (one schedule)
+    assert _scores(cut.history) == _scores(scratch.history)[:2]
+    assert _scores(resumed.history) == _scores(scratch.history)
+    for part in ("model", "teacher"):
+        theirs = scratch.state[part] if part == "model" else scratch.state[part]["module"]
+        ours = resumed.state[part] if part == "model" else resumed.state[part]["module"]
+        for key, value in theirs.items():
+            assert torch.equal(value, ours[key]), (part, key)
+    assert resumed.state["config"] == stage_two.to_dict()
+
+
 def test_sgd_momentum_survives_the_checkpoint_and_the_resume_is_exact(small_splits, tmp_path):
     """SGD's momentum buffers come back from the checkpoint file as they were saved, so a
     2-epoch fit resumed from its epoch-1 file ends bit for bit where an uninterrupted one

@@ -349,6 +349,7 @@ def fit(
     epoch_labels: dict[str, Any] | None = None,
     loader_workers: int = 0,
     batch_augment: bool | None = None,
+    until_epoch: int | None = None,
 ) -> FitResult:
     """Train `config` on `splits`, evaluating on val every epoch (centre crop).
 
@@ -358,14 +359,17 @@ def fit(
     recorded with every epoch's metrics (e.g. the machine it ran on), so they survive in the
     checkpoint's history across resumes. `loader_workers` (execution, not a hyperparameter:
     results do not depend on it) augment in parallel; `batch_augment` augments whole batches
-    on the device instead, by default where that device is CUDA.
+    on the device instead, by default where that device is CUDA. `until_epoch` ends the fit
+    early on the full run's schedule (a staged search's stage-one trial stops where Mean
+    Teacher would start): resuming its state with `config` gives the full run bit for bit.
     """
     device = device or default_device()
     on_device = device.type == "cuda" if batch_augment is None else batch_augment
     run = _Run(config, splits, device, loader_workers, on_device)
     if resume_from is not None:
         run.restore(resume_from)
-    while run.epoch < config.epochs:
+    last = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
+    while run.epoch < last:
         started, started_at = time.perf_counter(), time.time()
         train_loss = run.train_epoch()
         run.epoch += 1
