@@ -244,6 +244,9 @@ def tune(
     max_failures: int | None = None,
     seed: int | None = None,
     time_budget: str | float | None = None,
+    staged_search: str | None = None,
+    stage2_trials: int | None = None,
+    stage2_from: int | None = None,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -257,32 +260,34 @@ def tune(
     The plan (epochs expected under ASHA and at most) is printed before Ray starts, and
     again in device-hours once an epoch has been timed; `plan_only` stops after the first
     print, touching nothing. `time_budget` (`6h`, or seconds) ends the search there and
-    ranks the trials that ran. A line per trial epoch is printed; `verbose` adds Ray's own
+    ranks the trials that ran. When `mt_*` keys are searched and Mean Teacher starts after
+    epoch 0, the search has two phases (`staged_search="off"`: one): phase 1 searches the
+    other keys on runs cut where Mean Teacher starts, phase 2 (`stage2_trials`, default half
+    of `trials`) searches the `mt_*` keys resuming the best `stage2_from` (default 4)
+    stage-one checkpoints. A line per trial epoch is printed; `verbose` adds Ray's own
     output (Tune's boxes, workers' notices).
     """
     from ar_ray.cluster import connect
     from ar_ray.feasibility import Demand, failing_fast
     from ar_ray.ray_output import ray_output
-    from ar_ray.search import (
+    from ar_ray.search import prepare_experiment_dir, resolve_schedule, run_tune, search_plan
+    from ar_ray.search_space import load_search_space
+    from ar_ray.tune_request import (
         TuneRequest,
         base_config,
         experiment_dir,
         experiment_root,
-        prepare_experiment_dir,
         request_path,
-        resolve_first_rung,
-        run_tune,
-        search_plan,
         trial_resources,
     )
-    from ar_ray.search_space import load_search_space
 
     given = stated_options(
         trials=trials, epochs=epochs, data=data, skip_bad_images=skip_bad_images,
         limit_per_class=limit_per_class, cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
         grace_period=grace_period, max_failures=max_failures, seed=seed,
-        time_budget=time_budget,
+        time_budget=time_budget, staged_search=staged_search, stage2_trials=stage2_trials,
+        stage2_from=stage2_from,
     )  # fmt: skip
     _positive(
         trials=trials,
@@ -290,6 +295,8 @@ def tune(
         max_concurrent=max_concurrent,
         grace_period=grace_period,
         limit_per_class=limit_per_class,
+        stage2_trials=stage2_trials,
+        stage2_from=stage2_from,
     )
     loaded = load_search_space(Path(space))
     trial = resources("trial", "trial", cpus_per_trial, gpus_per_trial, Resources(), "default")
@@ -311,6 +318,9 @@ def tune(
         max_failures=_default(TuneRequest, "max_failures", max_failures),
         seed=_default(TuneRequest, "seed", seed),
         time_budget=duration_seconds(time_budget, "time_budget"),
+        staged_search=_default(TuneRequest, "staged_search", staged_search),
+        stage2_trials=stage2_trials,
+        stage2_from=_default(TuneRequest, "stage2_from", stage2_from),
     )
     if resume:  # the recorded request goes on; an option that disagrees with it is refused
         prepare_experiment_dir(experiment_dir(request), resume=True, overwrite=False)
@@ -320,7 +330,7 @@ def tune(
             listing = list_data(recorded.data_resolved or recorded.data)
         request = recorded
     else:  # a searched key that can never act fails here, before Ray starts
-        request = resolve_first_rung(request, loaded)
+        request = resolve_schedule(request, loaded)
     plan = search_plan(request, loaded)
     for line in plan.lines():
         print(line, flush=True)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ar_ray import storage
 from ar_ray.cluster import assigned_loader_workers, placement_labels
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
@@ -43,9 +44,13 @@ def checkpointed_fit(
     session: RaySession,
     device: torch.device,
     after_epoch: Callable[[Mapping[str, Any]], None] | None = None,
+    start_from: str | None = None,
+    until_epoch: int | None = None,
 ) -> None:
-    """Fit `config`, continuing after the session's latest checkpoint if it has one, and
-    report every epoch (with a checkpoint where this process uploads weights).
+    """Fit `config`, continuing after the session's latest checkpoint if it has one (else
+    after the checkpoint file at `start_from`, a path or URI: a staged search's stage-one
+    checkpoint), and report every epoch (with a checkpoint where this process uploads
+    weights). `until_epoch` cuts the run on its full schedule (`engine.fit`).
 
     Every process reports each epoch, as Train expects of each of its ranks.
     `after_epoch(metrics)` runs only where the weights are uploaded, after the report, so
@@ -56,6 +61,10 @@ def checkpointed_fit(
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    elif start_from is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            local = storage.download_file(start_from, Path(folder) / CHECKPOINT_FILE)
+            state = load_checkpoint(local)
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         if not session.uploads_weights:
@@ -75,4 +84,5 @@ def checkpointed_fit(
         device=device,
         epoch_labels=placement_labels(),
         loader_workers=assigned_loader_workers(),
+        until_epoch=until_epoch,
     )

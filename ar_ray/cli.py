@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-budget", help="end the search after this long (6h, 90m, seconds); default none"
     )
     tune.add_argument(
+        "--staged-search",
+        choices=("auto", "off"),
+        help="auto (default): two phases when mt_* keys are searched; off: one search",
+    )
+    tune.add_argument("--stage2-trials", type=int, help="phase-2 trials (default trials / 2)")
+    tune.add_argument(
+        "--stage2-from", type=int, help="stage-one trials phase 2 resumes (default 4)"
+    )
+    tune.add_argument(
         "--plan", dest="plan_only", action="store_true", help="print the epoch plan and exit"
     )
     tune.add_argument("--resume", action="store_true", help="continue the experiment --name")

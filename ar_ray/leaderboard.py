@@ -29,10 +29,77 @@ BEST_CONFIGS = "best_configs.yaml"
 MAX_BEST_CONFIGS = 20
 
 
+STAGE_ONE = "stage1"
+"""The phase of a staged search's first trials: cut at Mean Teacher's start, so their score
+is a stage-one score and their config not a finished run; never a member."""
+STAGE_TWO = "stage2"  # the trials that resumed them at the cut: finished runs
+
+
 def _status(result: Any, epochs_run: int, full_epochs: int) -> str:
     if result.error is not None:
         return "ERROR"
     return "COMPLETE" if epochs_run >= full_epochs else "STOPPED_EARLY"
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """How to read one Tune experiment of a search into leaderboard rows.
+
+    `epochs` is what a trial runs in the phase, after `start` epochs it resumed from;
+    `parents` maps a stage-two trial's `stage1_trial` to the stage-one trial's sampled
+    values, which its row repeats so that the row is a complete config."""
+
+    phase: str = "search"
+    epochs: int = 0
+    start: int = 0
+    first_rung: int | None = None
+    optuna_states: dict[str, str] | None = None
+    parents: dict[str, dict[str, Any]] | None = None
+
+
+def trial_rows(grid: Iterable[Any], keys: Iterable[str], record: PhaseRecord) -> list[dict]:
+    """One row per trial of a Tune `ResultGrid` that ran; `optuna_state` is what the Optuna
+    study recorded for it, `first_rung` the earliest epoch of the phase ASHA could stop it
+    at, `epochs_run` the epochs it ran in the phase."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        epochs_run = int(metrics.get("epoch", record.start)) - record.start
+        if epochs_run <= 0 and result.error is None:
+            continue  # never started: a search stopped by its time budget had it queued
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        config = dict(result.config or {})  # None for a trial that never started
+        parent = config.pop("stage1_trial", "")
+        config = {**(record.parents or {}).get(parent, {}), **config}
+        row = {
+            "trial_id": trial_id,
+            "phase": record.phase,
+            "stage1_trial": parent,
+            "status": _status(result, epochs_run, record.epochs),
+            "optuna_state": (record.optuna_states or {}).get(trial_id, ""),
+            "epochs_run": epochs_run,
+            "first_rung": record.first_rung,
+            "val_top1": metrics.get("val_top1", math.nan),
+            "val_nll": metrics.get("val_nll", math.nan),
+        }
+        row.update({key: config.get(key) for key in keys})
+        row["wall_seconds"] = metrics.get("time_total_s", math.nan)
+        for label in ("node", "cpus", "gpus"):  # where the trial ran and what it held
+            row[label] = metrics.get(label, "")
+        rows.append(row)
+    return rows
+
+
+def ranked(rows: list[dict]) -> pd.DataFrame:
+    """The leaderboard: finished runs best validation top-1 first, then a staged search's
+    stage-one trials (their scores are from before Mean Teacher, not comparable)."""
+    board = pd.DataFrame(rows)
+    board["_stage_one"] = board["phase"] == STAGE_ONE
+    board = board.sort_values(
+        ["_stage_one", "val_top1"], ascending=[True, False], na_position="last", kind="stable"
+    ).drop(columns="_stage_one")
+    board.insert(0, "rank", range(1, len(board) + 1))
+    return board.reset_index(drop=True)
 
 
 def leaderboard(
@@ -42,40 +109,18 @@ def leaderboard(
     first_rung: int | None = None,
     optuna_states: dict[str, str] | None = None,
 ) -> pd.DataFrame:
-    """One row per trial of a Tune `ResultGrid`, best validation top-1 first; `first_rung`
-    is the earliest epoch ASHA could stop it at, `optuna_state` what the Optuna study
-    recorded for it."""
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        epochs_run = int(metrics.get("epoch", 0))
-        if not epochs_run and result.error is None:
-            continue  # never started: a search stopped by its time budget had it queued
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        row = {
-            "trial_id": trial_id,
-            "status": _status(result, epochs_run, full_epochs),
-            "optuna_state": (optuna_states or {}).get(trial_id, ""),
-            "epochs_run": epochs_run,
-            "first_rung": first_rung,
-            "val_top1": metrics.get("val_top1", math.nan),
-            "val_nll": metrics.get("val_nll", math.nan),
-        }
-        config = result.config or {}  # None for a trial that never started
-        row.update({key: config.get(key) for key in space.searched})
-        row["wall_seconds"] = metrics.get("time_total_s", math.nan)
-        for label in ("node", "cpus", "gpus"):  # where the trial ran and what it held
-            row[label] = metrics.get(label, "")
-        rows.append(row)
-    board = pd.DataFrame(rows).sort_values("val_top1", ascending=False, na_position="last")
-    board.insert(0, "rank", range(1, len(board) + 1))
-    return board.reset_index(drop=True)
+    """The leaderboard of a one-phase search."""
+    record = PhaseRecord(epochs=full_epochs, first_rung=first_rung, optuna_states=optuna_states)
+    return ranked(trial_rows(grid, space.searched, record))
 
 
 def finished_trials(board: pd.DataFrame) -> pd.DataFrame:
-    """Trials with a score, best first: the ones worth re-running as members."""
-    ranked = board[board["status"] != "ERROR"].dropna(subset=["val_top1"])
-    return ranked.reset_index(drop=True)
+    """Trials with a score that ran whole configs, best first: the ones worth re-running as
+    members (a leaderboard from before staged searches has no `phase`)."""
+    kept = board[board["status"] != "ERROR"].dropna(subset=["val_top1"])
+    if "phase" in kept:
+        kept = kept[kept["phase"] != STAGE_ONE]
+    return kept.reset_index(drop=True)
 
 
 def searched_columns(board: pd.DataFrame) -> list[str]:
@@ -145,7 +190,9 @@ def _plain(value: Any) -> Any:
 
 
 def print_leaderboard(board: pd.DataFrame, space: SearchSpace, rows: int = 10) -> None:
-    columns = ["rank", "trial_id", "status", "epochs_run", "val_top1", "val_nll"]
+    staged = "phase" in board and (board["phase"] == STAGE_ONE).any()
+    columns = ["rank", "trial_id", *(["phase"] if staged else []), "status", "epochs_run"]
+    columns += ["val_top1", "val_nll"]
     columns += list(space.searched)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(board[columns].head(rows).to_string(index=False, float_format="%.4g"))

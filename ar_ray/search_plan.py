@@ -109,3 +109,27 @@ def flat_search(trials: int, epochs: int, first_rung: int, reduction_factor: flo
     """One ASHA experiment over every key, its first rung as resolved (`ar_ray.staged`)."""
     rungs = asha_rungs(first_rung, epochs, reduction_factor)
     return SearchPlan((PhaseBudget("search", trials, epochs, rungs, reduction_factor),))
+
+
+def two_phase_search(
+    trials: int,
+    stage2_trials: int,
+    cut: int,
+    epochs: int,
+    first_rung: int,
+    stage2_first_rung: int,
+    reduction_factor: float,
+) -> SearchPlan:
+    """Phase 1 to the cut (Mean Teacher's start) from the user's grace period; phase 2 over
+    the remaining epochs, judged first when the teacher has acted (`ar_ray.staged`)."""
+    tail = epochs - cut
+    one = asha_rungs(min(first_rung, cut), cut, reduction_factor)
+    two = asha_rungs(stage2_first_rung, tail, reduction_factor)
+    return SearchPlan(
+        (
+            PhaseBudget(f"phase 1 (to epoch {cut})", trials, cut, one, reduction_factor),
+            PhaseBudget(
+                f"phase 2 (epochs {cut + 1}-{epochs})", stage2_trials, tail, two, reduction_factor
+            ),
+        )
+    )

@@ -9,6 +9,7 @@ Every mistake is reported with the file and key, before any Ray work starts.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ class SearchSpace:
 
     def to_tune(self) -> dict[str, Any]:
         return {key: domain.to_tune() for key, domain in self.searched.items()}
+
+    def searching(self, keys: Collection[str], only: bool) -> SearchSpace:
+        """The same space searching only `keys` (`only`) or all but them: a staged search's
+        phases. The keys left out keep the base config's values."""
+        kept = {key: d for key, d in self.searched.items() if (key in keys) == only}
+        return SearchSpace(self.source, self.fixed, kept)
 
 
 def _parse_domain(source: str, key: str, spec: dict[str, Any], kind: type) -> Domain:

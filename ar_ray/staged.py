@@ -75,3 +75,58 @@ def describe(rung: FirstRung, grace_period: int) -> str:
         f"ASHA's first rung is epoch {rung.epoch}, not {grace_period}: the searched {keys} "
         "act only once Mean Teacher has run (mt_start_epoch + ramp-up)"
     )
+
+
+STAGED_MODES = ("auto", "off")
+
+
+@dataclass(frozen=True)
+class Stages:
+    """A two-phase search. Phase 1 searches every key but the Mean Teacher ones and trains
+    each trial on the full schedule, cut at `cut` (`mt_start_epoch`: the teacher has not
+    started, so its keys cannot matter). Phase 2 resumes the best stage-one checkpoints
+    there and searches `stage_two_keys`; its ASHA judges first at `first_rung` epochs after
+    the cut, when every trial's teacher has run at full weight."""
+
+    cut: int
+    stage_two_keys: tuple[str, ...]
+    first_rung: int
+
+
+@dataclass(frozen=True)
+class Staging:
+    stages: Stages | None  # None: one flat search
+    reason: str  # why, one line (printed when auto falls back to a flat search)
+
+
+def staging(space: SearchSpace, base: RecipeConfig, mode: str) -> Staging:
+    """Two phases whenever `mt_*` keys are searched and Mean Teacher starts after epoch 0
+    (`mode` "auto"), unless a phase-2 trial could not be its own run resumed at the cut."""
+    keys = tuple(key for key in space.searched if key.startswith(MEAN_TEACHER_PREFIX))
+    if mode == "off":
+        return Staging(None, "--staged-search off")
+    if not keys:
+        return Staging(None, "no mt_* key is searched")
+    if "mt_start_epoch" in space.searched:
+        return Staging(None, "mt_start_epoch is searched: stage one has no single end")
+    weight = space.searched.get("mt_weight")
+    if weight is not None and weight.kind == "choice" and min(weight.values) <= 0:
+        # mt_weight 0 switches Mean Teacher off, which changes stage one (`views_per_image`);
+        # a range starting at 0 draws exactly 0 with probability 0
+        return Staging(None, "mt_weight may be 0, which changes stage one too")
+    cut = base.mt_start_epoch
+    if not 0 < cut < base.epochs:
+        return Staging(None, f"Mean Teacher starts at epoch {cut} of {base.epochs}")
+    rung = min(mean_teacher_acts_by(space, base), base.epochs) - cut
+    return Staging(Stages(cut, keys, rung), f"Mean Teacher starts at epoch {cut}")
+
+
+def stage_one_base(space: SearchSpace, base: RecipeConfig) -> RecipeConfig:
+    """The fixed part of a phase-1 trial: the base config with Mean Teacher on (a searched
+    `mt_weight` whose base is 0 takes its upper end), since every phase-2 trial runs it and
+    the view count of stage one depends on it; no other Mean Teacher key acts before the
+    cut."""
+    weight = space.searched.get("mt_weight")
+    if weight is not None and not base.mean_teacher:
+        return base.replace(mt_weight=max(weight.values))
+    return base

@@ -40,16 +40,10 @@ from ray.tune.search import BasicVariantGenerator
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.leaderboard import leaderboard
-from ar_ray.search import (
-    METRIC,
-    MODE,
-    TuneRequest,
-    base_config,
-    experiment_dir,
-    run_tune,
-    trial_trainable,
-)
+from ar_ray.search import run_tune
 from ar_ray.search_space import SearchSpace, load_search_space, parse_search_space
+from ar_ray.tune_phase import METRIC, MODE, trial_trainable
+from ar_ray.tune_request import TuneRequest, base_config, experiment_dir
 
 QUICK_SPACE = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
 

@@ -34,8 +34,9 @@ from ar_ray.metrics import PROB_FLOOR, classification_metrics
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.saved_ensemble import SavedEnsemble
-from ar_ray.search import TuneRequest, run_tune
+from ar_ray.search import run_tune
 from ar_ray.search_space import load_search_space
+from ar_ray.tune_request import TuneRequest
 
 pytestmark = pytest.mark.ray
 

@@ -20,8 +20,9 @@ from ar_ray.api import stated_options
 from ar_ray.cli import build_parser
 from ar_ray.recipe.checkpoint import load_checkpoint
 from ar_ray.saved_ensemble import SavedEnsemble
-from ar_ray.search import TuneRequest, run_tune
+from ar_ray.search import run_tune
 from ar_ray.search_space import load_search_space
+from ar_ray.tune_request import TuneRequest
 
 pytestmark = pytest.mark.ray
 

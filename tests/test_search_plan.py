@@ -91,13 +91,41 @@ def test_a_bad_time_budget_names_the_option(given):
 
 
 def test_plan_prints_the_budget_and_touches_nothing(tmp_path, capsys, monkeypatch):
+    """The paper's space at 64 trials: two phases by default, one with --staged-search off
+    (every trial to epoch 55, a third to 100: the issue's 70 epochs a trial)."""
     monkeypatch.chdir(tmp_path)
-    code = cli.main(
-        ["tune", "--space", str(SPACES / "ar_default.yaml"), "--trials", "64", "--plan",
-         "--storage", str(tmp_path / "runs"), "--gpus-per-trial", "1", "--cpus-per-trial", "8"]
-    )  # fmt: skip
+    args = [
+        "tune",
+        "--space",
+        str(SPACES / "ar_default.yaml"),
+        "--trials",
+        "64",
+        "--plan",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--gpus-per-trial",
+        "1",
+        "--cpus-per-trial",
+        "8",
+    ]
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert code == 0
+    # phase 1: 64 trials to epoch 50, rungs 1, 3, 9, 27
+    one = 64 * (1 + 2 / 3 + 6 / 9 + 18 / 27 + 23 / 81)
+    # phase 2: 32 trials over epochs 51-100, first judged 5 epochs in: rungs 5, 15, 45
+    two = 32 * (5 + 10 / 3 + 30 / 9 + 5 / 27)
+    assert (
+        "plan: phase 1 (to epoch 50): 64 trials x 50 epochs, ASHA rungs at epoch 1, 3, 9, 27" in out
+    )
+    assert f"expected {one:,.0f} epochs, at most 3,200" in out
+    assert (
+        "plan: phase 2 (epochs 51-100): 32 trials x 50 epochs, ASHA rungs at epoch 5, 15, 45" in out
+    )
+    assert f"expected {two:,.0f} epochs, at most 1,600" in out
+    assert f"plan: expected {one + two:,.0f} epochs under ASHA, at most 4,800" in out
+
+    assert cli.main([*args, "--staged-search", "off"]) == 0
+    out = capsys.readouterr().out
     assert "plan: search: 64 trials x 100 epochs, ASHA rungs at epoch 55" in out
     assert "expected 4,480 epochs under ASHA, at most 6,400" in out
     assert list(tmp_path.iterdir()) == []  # no run folder, no request, no Ray session dir

@@ -16,10 +16,13 @@ from helpers import assert_user_error, run_cli
 from ray import tune
 
 from ar_ray.config import ConfigError, RecipeConfig, load_config
+from ar_ray.optuna_search import optuna_states
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from ar_ray.search import TuneRequest, optuna_states, run_trial, run_tune
+from ar_ray.search import run_tune
 from ar_ray.search_space import load_search_space, parse_search_space
 from ar_ray.staged import first_rung
+from ar_ray.tune_phase import run_trial
+from ar_ray.tune_request import TuneRequest
 
 pytestmark = pytest.mark.ray
 
