@@ -88,18 +88,23 @@ def test_quick_space_writes_leaderboard_and_trainable_best_configs(
 def test_asha_judges_mean_teacher_only_after_it_acted_and_optuna_sees_pruned(
     ray_cluster, small_splits, tmp_path, capsys
 ):
-    """mt_weight searched with Mean Teacher from 0-based epoch 2 (half an epoch of ramp-up):
-    the teacher first trains in epoch 3, so grace 1 is raised to 3 and no trial stops
-    before it; ASHA still stops some there, and Optuna's study records those as PRUNED."""
+    """One search (--staged-search off) with mt_weight searched and Mean Teacher from
+    0-based epoch 2 (half an epoch of ramp-up): the teacher first trains in epoch 3, so
+    grace 1 is raised to 3 and no trial stops before it; ASHA still stops some there, and
+    Optuna's study records those as PRUNED."""
     space_file = tmp_path / "mt.yaml"
     space_file.write_text(
         QUICK.read_text().replace("mt_weight: 0.0", "mt_weight: {uniform: [0.1, 1.0]}")
         + "mt_start_epoch: 2\nmt_rampup_epochs: 0.5\n"
     )
     space = load_search_space(space_file)
-    request = _request(tmp_path, space=str(space_file), trials=6, epochs=4, reduction_factor=2)
+    request = _request(
+        tmp_path, space=str(space_file), trials=6, epochs=4, reduction_factor=2,
+        staged_search="off",
+    )  # fmt: skip
     run_tune(request, space, small_splits)
-    assert "first rung is epoch 3, not 1: the searched mt_weight" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "one search (--staged-search off): ASHA's first rung is epoch 3, not 1" in out
     board = pd.read_csv(tmp_path / "t" / "tune" / "leaderboard.csv")
     recorded = yaml.safe_load((tmp_path / "t" / "tune" / "request.yaml").read_text())
     assert recorded["request"]["first_rung"] == 3 and (board["first_rung"] == 3).all()
