@@ -369,6 +369,7 @@ def ensemble(
     max_actors: int | None = None,
     images_per_call: int | None = None,
     seed: int | None = None,
+    retrain: bool = False,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -379,11 +380,20 @@ def ensemble(
 
     Defaults: 3 members, the tune's epochs, 1 DDP worker per member holding what each trial
     held, TenCrop, actors holding what a worker held (at most 1 GPU), at most 4 actors
-    answering 64 images per call on a CPU and 256 on a GPU, seed 0. A line per member epoch
-    and inference progress are printed; `verbose` adds Ray's own output.
+    answering 64 images per call on a CPU and 256 on a GPU, seed 0. A member whose config
+    and epochs are a finished trial's is that trial's final checkpoint, not trained again
+    (members keep their trial's seed; `retrain` trains every member, each with seed
+    `seed + i`). A line says how many members are reused and how many train; a line per
+    member epoch and inference progress follow; `verbose` adds Ray's own output.
     """
     from ar_ray.cluster import connect
-    from ar_ray.ensembling import EnsembleRequest, plan_members, prepare_ensemble_dir, run_ensemble
+    from ar_ray.ensembling import (
+        EnsembleRequest,
+        describe_members,
+        plan_members,
+        prepare_ensemble_dir,
+        run_ensemble,
+    )
     from ar_ray.feasibility import ensemble_demands, failing_fast
     from ar_ray.leaderboard import load_tune_record
     from ar_ray.ray_output import ray_output
@@ -396,7 +406,7 @@ def ensemble(
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
         max_concurrent=max_concurrent, tta=tta, cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor, max_actors=max_actors, images_per_call=images_per_call,
-        seed=seed,
+        seed=seed, retrain=retrain,
     )  # fmt: skip
     _positive(
         members=members,
@@ -434,15 +444,17 @@ def ensemble(
         gpus_per_actor=actor.gpus,
         max_actors=max_actors or DEFAULT_MAX_ACTORS,
         images_per_call=images_per_call,
+        retrain=retrain,
     )
     where = store.join(root, ENSEMBLE_DIR, ENSEMBLE_FILE)
     if resume and store.exists(where):  # a finished ensemble: its request goes on
         recorded = from_record(EnsembleRequest, _recorded(where))
         refuse_changed_options(given, asdict(request), asdict(recorded), where)
         request = replace(recorded, run=run)
-    plan_members(request, record)  # a bad `members` fails before any Ray work starts
+    specs = plan_members(request, record)  # a bad `members` fails before any Ray work starts
     listing = list_data(record.data)  # the folder tune read, checked again before Ray starts
     prepare_ensemble_dir(root, resume=resume, overwrite=overwrite)
+    print(describe_members(specs, root), flush=True)
     embedded = connect(address)
     options = request.train_options(root)
     demands = ensemble_demands(options, request.inference_options())

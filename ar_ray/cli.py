@@ -113,7 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--tta", choices=TTA_MODES, help="test-time views (default tencrop)")
     _add_actor_arguments(ensemble, "the member workers'")
     _add_address_argument(ensemble)
-    ensemble.add_argument("--seed", type=int, help="member seeds and val folds (default 0)")
+    ensemble.add_argument(
+        "--seed", type=int, help="val folds, and seeds of members that train anew (default 0)"
+    )
+    ensemble.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train every member, even one a finished trial already is (own seed each)",
+    )
     ensemble.add_argument("--resume", action="store_true", help="reuse finished members")
     ensemble.add_argument("--overwrite", action="store_true", help="replace members and outputs")
     ensemble.set_defaults(handler=_ensemble)

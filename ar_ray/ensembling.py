@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ from ar_ray.data import DatasetSplits
 from ar_ray.ensemble_weights import CrossFit, combine, cross_fit, stratified_folds
 from ar_ray.errors import UserError
 from ar_ray.inference import InferenceOptions, PoolTally, member_probabilities
-from ar_ray.leaderboard import TuneRecord
+from ar_ray.leaderboard import TuneRecord, config_for_row, searched_columns
 from ar_ray.members import (
     MemberSpec,
     TrainOptions,
+    finished_member,
     member_dir,
     select_members,
     train_members,
@@ -59,6 +60,7 @@ class EnsembleRequest:
     gpus_per_actor: float = 0.0
     max_actors: int = DEFAULT_MAX_ACTORS
     images_per_call: int | None = None  # None: by the actors' device (inference.py)
+    retrain: bool = False  # True: train every member, even one a finished trial already is
 
     def train_options(self, root: str) -> TrainOptions:
         worker = Resources(cpus=self.cpus_per_worker, gpus=self.gpus_per_worker)
@@ -170,9 +172,39 @@ def prepare_ensemble_dir(run: str, *, resume: bool, overwrite: bool) -> None:
 
 
 def plan_members(request: EnsembleRequest, record: TuneRecord) -> list[MemberSpec]:
-    """The members to train; cheap, so the CLI checks it before starting any Ray work."""
+    """The members, each marked with the finished trial it is where one is (unless
+    `retrain`); cheap, so the CLI checks it before starting any Ray work."""
     base = record.base.replace(epochs=request.epochs or record.base.epochs)
-    return select_members(record.board, base, request.members, request.archs, request.seed)
+    specs = select_members(
+        record.board, base, request.members, request.archs, request.seed, not request.retrain
+    )
+    if request.retrain or request.workers_per_member > 1:  # DDP is another run than a trial's
+        return specs
+    return [replace(spec, reuse=_finished_trial(spec, record)) for spec in specs]
+
+
+def _finished_trial(spec: MemberSpec, record: TuneRecord) -> str:
+    """The final checkpoint folder of the trial whose full-length run is `spec`, or ""."""
+    rows = record.board[record.board["trial_id"].astype(str) == spec.trial_id]
+    if "checkpoint" not in rows or rows.empty:  # a leaderboard from before reuse
+        return ""
+    row = rows.iloc[0].to_dict()
+    trial = config_for_row(record.base, row, searched_columns(record.board))
+    same = row["status"] == "COMPLETE" and trial == spec.config
+    return str(row["checkpoint"]) if same and isinstance(row["checkpoint"], str) else ""
+
+
+def describe_members(specs: list[MemberSpec], root: str) -> str:
+    """What `ensemble` will spend before it starts: members taken from finished trials or
+    an earlier run cost no training; the rest train for their epochs."""
+    done = sum(finished_member(root, spec) for spec in specs)
+    reused = sum(bool(spec.reuse) for spec in specs if not finished_member(root, spec))
+    todo = [spec for spec in specs if not spec.reuse and not finished_member(root, spec)]
+    epochs = sum(spec.config.epochs for spec in todo)
+    parts = [f"{reused} reused from finished tune trials"] if reused else []
+    parts += [f"{done} finished in an earlier run"] if done else []
+    parts.append(f"{len(todo)} to train ({epochs} epochs in all)")
+    return f"members: {', '.join(parts)}"
 
 
 def run_ensemble(

@@ -11,7 +11,7 @@ import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -50,6 +50,7 @@ class PhaseRecord:
     values, which its row repeats so that the row is a complete config."""
 
     phase: str = "search"
+    folder: str = TUNE_DIR  # the experiment, relative to the run: where checkpoints lie
     epochs: int = 0
     start: int = 0
     first_rung: int | None = None
@@ -84,10 +85,21 @@ def trial_rows(grid: Iterable[Any], keys: Iterable[str], record: PhaseRecord) ->
         }
         row.update({key: config.get(key) for key in keys})
         row["wall_seconds"] = metrics.get("time_total_s", math.nan)
+        row["checkpoint"] = checkpoint_dir(result, record.folder)
         for label in ("node", "cpus", "gpus"):  # where the trial ran and what it held
             row[label] = metrics.get(label, "")
         rows.append(row)
     return rows
+
+
+def checkpoint_dir(result: Any, folder: str) -> str:
+    """The trial's last checkpoint folder, relative to the run (a run moved to another
+    place or bucket keeps it): a finished trial's is its final model, which `ensemble`
+    reuses as a member."""
+    if result.checkpoint is None:
+        return ""
+    trial, checkpoint = (PurePosixPath(p).name for p in (result.path, result.checkpoint.path))
+    return f"{folder}/{trial}/{checkpoint}"
 
 
 def ranked(rows: list[dict]) -> pd.DataFrame:

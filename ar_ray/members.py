@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class MemberSpec:
     trial_id: str
     tune_rank: int
     reason: str
+    reuse: str = ""  # the trial's final checkpoint folder (relative to the run) it is, if any
 
 
 def config_distances(board: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -81,11 +83,14 @@ def select_members(
     count: int,
     archs: list[str] | None = None,
     seed: int = 0,
+    keep_trial_seeds: bool = True,
 ) -> list[MemberSpec]:
     """Walk the leaderboard best-first, keeping configs far enough from those already kept.
 
     With `archs`, member i is re-run with `archs[i % len(archs)]`: the best recipes on other
-    backbones. Each member gets its own seed. Too few distant configs are topped up by rank.
+    backbones. Too few distant configs are topped up by rank. A member keeps its trial's
+    seed, so that a finished trial can be the member (`keep_trial_seeds`); a trial picked
+    again gets seed `seed + i`, as every member does without `keep_trial_seeds`.
     """
     ranked = finished_trials(board)
     searched = searched_columns(board)
@@ -117,7 +122,8 @@ def select_members(
     members = []
     for number, (index, reason) in enumerate(chosen):
         config = config_for_row(base, ranked.iloc[index].to_dict(), searched)
-        config = config.replace(seed=seed + number)
+        if not keep_trial_seeds or index in [picked for picked, _ in chosen[:number]]:
+            config = config.replace(seed=seed + number)
         if archs:
             config = config.replace(arch=archs[number % len(archs)])
         trial = str(ranked["trial_id"][index])
@@ -217,23 +223,39 @@ def train_member(
         ),
     )
     result = trainer.fit()
-    return publish_member(result.checkpoint, spec, member_dir(options.root, spec.member_id))
+    with result.checkpoint.as_directory() as local:
+        weights = Path(local) / CHECKPOINT_FILE
+        return publish_member(
+            weights, load_checkpoint(weights), spec, member_dir(options.root, spec.member_id)
+        )
 
 
 def publish_member(
-    checkpoint: ray.train.Checkpoint, spec: MemberSpec, folder: str
+    weights: Path, state: dict[str, Any], spec: MemberSpec, folder: str
 ) -> dict[str, Any]:
     """Write the member's metrics and config, then its checkpoint at the fixed path, last, as
-    the done marker. One download of Train's checkpoint serves all three (from a bucket it
-    is the costly part)."""
-    with checkpoint.as_directory() as local:
-        weights = Path(local) / CHECKPOINT_FILE
-        history = pd.DataFrame(load_checkpoint(weights)["history"])
-        storage.write_text(storage.join(folder, "metrics.csv"), history.to_csv(index=False))
-        config = yaml.safe_dump(spec.config.to_dict(), sort_keys=False)
-        storage.write_text(storage.join(folder, "config.yaml"), config)
-        storage.upload_file(weights, storage.join(folder, CHECKPOINT_FILE))
+    the done marker. One download of the checkpoint (`weights`, `state` loaded from it)
+    serves all three: from a bucket it is the costly part. Returns the last epoch's metrics."""
+    history = pd.DataFrame(state["history"])
+    storage.write_text(storage.join(folder, "metrics.csv"), history.to_csv(index=False))
+    config = yaml.safe_dump(spec.config.to_dict(), sort_keys=False)
+    storage.write_text(storage.join(folder, "config.yaml"), config)
+    storage.upload_file(weights, storage.join(folder, CHECKPOINT_FILE))
     return history.iloc[-1].to_dict()
+
+
+def reuse_trial(spec: MemberSpec, root: str) -> bool:
+    """Publish the finished trial's final checkpoint as the member, without training; False
+    (train it) if the checkpoint is not the member's config after all."""
+    with tempfile.TemporaryDirectory() as local:
+        source = storage.join(root, spec.reuse, CHECKPOINT_FILE)
+        weights = storage.download_file(source, Path(local) / CHECKPOINT_FILE)
+        state = load_checkpoint(weights)
+        if state["config"] != spec.config.to_dict() or state["epoch"] != spec.config.epochs:
+            print(f"{spec.member_id}: trial {spec.trial_id}'s checkpoint differs; training it")
+            return False
+        publish_member(weights, state, spec, member_dir(root, spec.member_id))
+    return True
 
 
 def train_members(
@@ -249,6 +271,9 @@ def train_members(
     """
     todo = [spec for spec in specs if not finished_member(options.root, spec)]
     status = {spec.member_id: "reused" for spec in specs if spec not in todo}
+    for spec in [spec for spec in todo if spec.reuse and reuse_trial(spec, options.root)]:
+        status[spec.member_id] = f"reused from trial {spec.trial_id}"
+        todo.remove(spec)
     if not todo:
         return status
     splits_ref = ray.put(splits.for_training())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -20,11 +19,17 @@ from ray import tune
 from ar_ray import staged, storage
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
-from ar_ray.leaderboard import STAGE_ONE, STAGE_TWO, PhaseRecord
+from ar_ray.leaderboard import STAGE_ONE, STAGE_TWO, TUNE_DIR, PhaseRecord, checkpoint_dir
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
 from ar_ray.search_space import SearchSpace
 from ar_ray.tune_phase import METRIC, Phase, fit_phase, phase_rows, trial_trainable
-from ar_ray.tune_request import TuneRequest, base_config, budget_marker, experiment_dir
+from ar_ray.tune_request import (
+    TuneRequest,
+    base_config,
+    budget_marker,
+    experiment_dir,
+    experiment_root,
+)
 
 PHASE_DIRS = {STAGE_ONE: "phase1", STAGE_TWO: "phase2"}  # Tune experiments under tune/
 PARENTS = "stage2_parents.yaml"
@@ -36,7 +41,9 @@ def stage_one_phase(request: TuneRequest, space: SearchSpace) -> Phase:
     """Every key but Mean Teacher's, each trial on the full schedule cut where it starts."""
     base = base_config(request, space)
     stages = stages_of(request, space)
-    record = PhaseRecord(STAGE_ONE, epochs=stages.cut, first_rung=request.first_rung)
+    record = PhaseRecord(
+        STAGE_ONE, _relative(STAGE_ONE), epochs=stages.cut, first_rung=request.first_rung
+    )
     sampled = space.searching(stages.stage_two_keys, only=False).to_tune()
     folder = storage.join(experiment_dir(request), PHASE_DIRS[STAGE_ONE])
     fixed = staged.stage_one_base(space, base)
@@ -55,6 +62,7 @@ def stage_two_phase(
     }
     record = PhaseRecord(
         STAGE_TWO,
+        _relative(STAGE_TWO),
         epochs=base.epochs - stages.cut,
         start=stages.cut,
         first_rung=stages.first_rung,
@@ -63,6 +71,10 @@ def stage_two_phase(
     folder = storage.join(experiment_dir(request), PHASE_DIRS[STAGE_TWO])
     trial = {"start": stages.cut, "parents": parents}
     return Phase(folder, sampled, request.stage2_trials, record, base, trial)
+
+
+def _relative(phase: str) -> str:
+    return f"{TUNE_DIR}/{PHASE_DIRS[phase]}"
 
 
 def stages_of(request: TuneRequest, space: SearchSpace) -> staged.Stages:
@@ -74,7 +86,9 @@ def stages_of(request: TuneRequest, space: SearchSpace) -> staged.Stages:
     return stages
 
 
-def stage_one_parents(grid: tune.ResultGrid, phase: Phase, count: int) -> dict[str, dict[str, Any]]:
+def stage_one_parents(
+    grid: tune.ResultGrid, phase: Phase, count: int, root: str
+) -> dict[str, dict[str, Any]]:
     """The best `count` stage-one trials that reached the cut: their sampled values and
     where their checkpoint at the cut lies (path or URI)."""
     reached = [
@@ -87,11 +101,10 @@ def stage_one_parents(grid: tune.ResultGrid, phase: Phase, count: int) -> dict[s
     reached.sort(key=lambda result: result.metrics[METRIC], reverse=True)
     parents = {}
     for result in reached[:count]:
-        trial = PurePosixPath(result.path).name
-        checkpoint = PurePosixPath(result.checkpoint.path).name
+        folder = checkpoint_dir(result, phase.record.folder)
         parents[result.metrics["trial_id"]] = {
             "params": dict(result.config),
-            "checkpoint": storage.join(phase.folder, trial, checkpoint, CHECKPOINT_FILE),
+            "checkpoint": storage.join(root, folder, CHECKPOINT_FILE),
             "val_top1": float(result.metrics[METRIC]),
         }
     return parents
@@ -121,7 +134,7 @@ def two_phase_rows(
         )  # fmt: skip
         if storage.exists(budget_marker(request)):
             return phase_rows(grid, one, space)
-        parents = stage_one_parents(grid, one, request.stage2_from)
+        parents = stage_one_parents(grid, one, request.stage2_from, experiment_root(request))
         if not parents:
             raise UserError(f"{one.folder}: no stage-one trial reached epoch {one.last_epoch}")
         storage.write_text(parents_file, yaml.safe_dump(parents, sort_keys=False))

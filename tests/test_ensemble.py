@@ -23,7 +23,9 @@ from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.ensembling import (
     EnsembleRequest,
     EnsembleResult,
+    describe_members,
     estimate,
+    plan_members,
     run_ensemble,
 )
 from ar_ray.inference import InferenceOptions, ensemble_top_k, member_probabilities
@@ -65,13 +67,49 @@ def ensemble_run(ray_cluster, small_splits, tmp_path_factory):
     run_tune(request, load_search_space(QUICK), small_splits)
     run = str(root / "e")
     record = load_tune_record(run)
-    summary = run_ensemble(
-        EnsembleRequest(run=run, members=2, epochs=1),
+    summary = run_ensemble(  # retrain: the members train (test_finished_trials_are_members)
+        EnsembleRequest(run=run, members=2, epochs=1, retrain=True),
         record,
         small_splits,
         TrainOptions(root=run),
     )
     return Path(run), summary
+
+
+def test_finished_trials_are_members_unless_they_differ(ray_cluster, small_splits, tmp_path):
+    """Members whose config and epochs are finished trials' are those trials' final
+    checkpoints, byte for byte, and nothing trains; other epochs, DDP workers or --retrain
+    train them."""
+    request = TuneRequest(
+        space=str(QUICK), trials=2, epochs=1, storage=str(tmp_path), name="r", limit_per_class=10
+    )
+    board = run_tune(request, load_search_space(QUICK), small_splits)
+    run = str(tmp_path / "r")
+    record = load_tune_record(run)
+    for changed in ({"epochs": 2}, {"workers_per_member": 2}, {"retrain": True}):
+        specs = plan_members(EnsembleRequest(run=run, members=2, **changed), record)
+        assert [s.reuse for s in specs] == ["", ""], changed
+    plain = EnsembleRequest(run=run, members=2)
+    specs = plan_members(plain, record)
+    assert (
+        describe_members(specs, run)
+        == "members: 2 reused from finished tune trials, 0 to train (0 epochs in all)"
+    )
+    run_ensemble(plain, record, small_splits, TrainOptions(root=run))
+    members = pd.read_csv(tmp_path / "r" / "ensemble" / "members.csv")
+    assert list(members["status"]) == [f"reused from trial {t}" for t in members["trial_id"]]
+    for member in members.to_dict("records"):
+        (trial_dir,) = (tmp_path / "r" / "tune").glob(f"*{member['trial_id']}*")
+        last = max(trial_dir.glob("checkpoint_*"))  # the trial's final checkpoint
+        published = tmp_path / "r" / "members" / member["member"]
+        assert (published / "checkpoint.pt").read_bytes() == (last / "checkpoint.pt").read_bytes()
+        assert sorted(p.name for p in published.iterdir()) == [
+            "checkpoint.pt",
+            "config.yaml",
+            "metrics.csv",
+        ]
+        row = board[board["trial_id"] == member["trial_id"]].iloc[0]
+        assert member["val_top1"] == pytest.approx(row["val_top1"])
 
 
 def test_ensemble_writes_every_output(ensemble_run, small_splits):

@@ -1,4 +1,5 @@
-"""Member selection: strong first, then different, each with its own seed."""
+"""Member selection: strong first, then different; a member keeps its trial's seed (so the
+trial can be the member) and a repeat of a trial gets its own."""
 
 import pandas as pd
 import pytest
@@ -27,7 +28,9 @@ def test_picks_the_best_then_skips_near_copies():
     assert [m.trial_id for m in members] == ["a", "c"]
     assert members[1].config.policy == "trivialaugment" and members[1].config.epochs == 3
     assert "distance" in members[1].reason and "best" in members[0].reason
-    assert len({m.config.seed for m in members}) == 2
+    assert [m.config.seed for m in members] == [0, 0]  # the trials' seed: reusable
+    retrained = select_members(_board(), RecipeConfig(epochs=3), 2, seed=4, keep_trial_seeds=False)
+    assert [m.config.seed for m in retrained] == [4, 5]  # --retrain: each its own
 
 
 def test_tops_up_by_rank_when_few_configs_are_far_apart():
@@ -40,6 +43,8 @@ def test_archs_spread_members_over_backbones_even_beyond_the_trials():
     members = select_members(_board(), RecipeConfig(), count=6, archs=["resnet18", "resnet34"])
     assert [m.config.arch for m in members] == ["resnet18", "resnet34"] * 3
     assert len({m.member_id for m in members}) == 6
+    # the four trials first keep their seed 0; the two picked again get seeds 4 and 5
+    assert [m.config.seed for m in members] == [0, 0, 0, 0, 4, 5]
 
 
 @pytest.mark.parametrize("count, message", [(0, "--members=0"), (5, "has 4 finished")])
@@ -51,7 +56,7 @@ def test_impossible_member_counts_are_user_errors(count, message):
 def test_member_id_covers_the_whole_config_epochs_and_seed_included():
     short, again = (select_members(_board(), RecipeConfig(epochs=3), count=2) for _ in range(2))
     longer = select_members(_board(), RecipeConfig(epochs=4), count=2)
-    other_seed = select_members(_board(), RecipeConfig(epochs=3), count=2, seed=7)
+    other_seed = select_members(_board(), RecipeConfig(epochs=3, seed=7), count=2)
     assert [m.member_id for m in short] == [m.member_id for m in again]  # stable: --resume
     assert short[0].member_id.startswith("m1-resnet18-a-s0-")
     for changed in (longer, other_seed):
