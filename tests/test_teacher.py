@@ -40,6 +40,14 @@ def test_ema_update_follows_warmup_formula_for_params_and_buffers():
     assert teacher.module[1].num_batches_tracked.dtype == torch.long
 
 
+def test_the_teacher_takes_no_gradients_and_leaves_the_student_trainable():
+    student = nn.Linear(2, 2)
+    teacher = EmaTeacher(student, decay=0.9)
+    assert not any(p.requires_grad for p in teacher.module.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    assert not teacher.module.training
+
+
 def test_warmup_decay_sequence():
     teacher = EmaTeacher(nn.Linear(1, 1), decay=0.999)
     decays = []
@@ -77,3 +85,4 @@ def test_rampup_follows_the_squared_exponent_inside_the_ramp():
     assert math.isclose(rampup(1.0, 5), math.exp(-3.2), rel_tol=1e-12)
     assert math.isclose(rampup(4.0, 5), math.exp(-0.2), rel_tol=1e-12)
     assert math.isclose(rampup(-1.0, 5), math.exp(-5), rel_tol=1e-12)  # clamped below
+    assert math.isclose(rampup(0.25, 0.5), math.exp(-1.25), rel_tol=1e-12)  # a sub-epoch ramp
