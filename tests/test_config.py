@@ -200,3 +200,38 @@ def test_each_range_rejects_the_value_just_outside_it(values, message):
     with pytest.raises(ConfigError) as error:
         RecipeConfig.from_dict(values, source="c.yaml")
     assert str(error.value) == f"c.yaml: {message}"
+
+
+def test_messages_name_the_default_source_and_keep_a_value_that_looks_like_one():
+    with pytest.raises(ConfigError) as error:
+        RecipeConfig.from_dict({"epochs": 0})
+    assert str(error.value) == "config: epochs=0 must be >= 1"
+    with pytest.raises(ConfigError) as error:
+        RecipeConfig.from_dict({"tta": "config: x"}, source="s.yaml")
+    assert (
+        str(error.value) == "s.yaml: tta='config: x' must be one of ('none', 'center', 'tencrop')"
+    )
+
+
+def test_keys_after_a_retired_one_still_count_and_whole_floats_become_ints():
+    config = RecipeConfig.from_dict({"loader_workers": 2, "lr": 0.01, "epochs": 3.0})
+    assert config.lr == 0.01 and config.epochs == 3 and isinstance(config.epochs, int)
+
+
+def test_file_errors_name_the_file_line_and_rank(tmp_path):
+    missing, bad, ranked = tmp_path / "missing.yaml", tmp_path / "bad.yaml", tmp_path / "r.yaml"
+    bad.write_text("lr: 1\nepochs: [1, 2\n")
+    save_config(RecipeConfig(lr=0.1), tmp_path / "one.yaml")
+    ranked.write_text("- {lr: 0.1}\n- {lr: 0.2}\n")
+    assert load_config(ranked, rank=2).lr == 0.2
+    cases = [
+        (missing, 1, f"{missing}: cannot read (No such file or directory)"),
+        (bad, 1, f"{bad}: line 3 invalid YAML"),
+        (ranked, 3, f"{ranked}: --rank 3 is outside 1..2"),
+    ]
+    for path, rank, message in cases:
+        with pytest.raises(ConfigError) as error:
+            load_config(path, rank)
+        assert str(error.value) == message
+    # fields in the dataclass's order, as a reader expects, not alphabetical
+    assert (tmp_path / "one.yaml").read_text().startswith("arch: resnet18\nsmall_input: true\n")
