@@ -221,6 +221,8 @@ def test_keys_after_a_retired_one_still_count_and_whole_floats_become_ints():
 def test_file_errors_name_the_file_line_and_rank(tmp_path):
     missing, bad, ranked = tmp_path / "missing.yaml", tmp_path / "bad.yaml", tmp_path / "r.yaml"
     bad.write_text("lr: 1\nepochs: [1, 2\n")
+    control = tmp_path / "control.yaml"
+    control.write_text("lr: \x07\n")
     save_config(RecipeConfig(lr=0.1), tmp_path / "one.yaml")
     ranked.write_text("- {lr: 0.1}\n- {lr: 0.2}\n")
     assert load_config(ranked, rank=2).lr == 0.2
@@ -228,6 +230,7 @@ def test_file_errors_name_the_file_line_and_rank(tmp_path):
         (missing, 1, f"{missing}: cannot read (No such file or directory)"),
         (bad, 1, f"{bad}: line 3 invalid YAML"),
         (ranked, 3, f"{ranked}: --rank 3 is outside 1..2"),
+        (control, 1, f"{control}: invalid YAML"),  # a reader error has no line mark
     ]
     for path, rank, message in cases:
         with pytest.raises(ConfigError) as error:
@@ -235,3 +238,9 @@ def test_file_errors_name_the_file_line_and_rank(tmp_path):
         assert str(error.value) == message
     # fields in the dataclass's order, as a reader expects, not alphabetical
     assert (tmp_path / "one.yaml").read_text().startswith("arch: resnet18\nsmall_input: true\n")
+
+
+def test_replace_changes_only_the_named_keys():
+    config = RecipeConfig(seed=7).replace(lr=0.5, policy="autoaugment")
+    assert (config.lr, config.policy, config.seed) == (0.5, "autoaugment", 7)
+    assert config.epochs == RecipeConfig().epochs

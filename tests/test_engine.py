@@ -273,6 +273,7 @@ def test_each_epoch_is_one_seeded_permutation_split_across_ranks():
     index, rank r taking every other position from r; the epoch rides along."""
     ranks = [EpochSampler(5, seed=3, rank=r, world=2) for r in range(2)]
     assert [len(r) for r in ranks] == [3, 3]
+    assert {epoch for epoch, _ in ranks[0]} == {0}  # before any set_epoch
     for sampler in ranks:
         sampler.set_epoch(1)
     first, second = ([index for _, index in sampler] for sampler in ranks)
@@ -283,9 +284,11 @@ def test_each_epoch_is_one_seeded_permutation_split_across_ranks():
     alone = EpochSampler(5, seed=3)
     alone.set_epoch(1)
     assert [index for _, index in alone] == padded[:5]  # the same permutation on 1 rank
+    other_seed = EpochSampler(5, seed=4)
+    other_seed.set_epoch(1)
+    assert [index for _, index in other_seed] != padded[:5]
     alone.set_epoch(2)
     assert [index for _, index in alone] != padded[:5]
-    assert [index for _, index in EpochSampler(5, seed=4)] != [index for _, index in alone]
 
 
 def test_mixed_seeds_are_32_bit_and_keep_the_streams_apart():
