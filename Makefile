@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint
+.PHONY: demo test test-fast lint mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,13 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# mutmut over the pure modules, judged by their fast tests (pyproject's [tool.mutmut]); not
+# part of `test`: it takes minutes. Starts from scratch (mutmut reuses stale verdicts
+# otherwise), one thread per test process, and writes bench/results/mutation.txt.
+MUTMUT_RUN := mutmut run --max-children 2
+mutation: $(STAMP)
+	rm -rf mutants
+	start=$$(date +%s) && OMP_NUM_THREADS=1 $(BIN)/$(MUTMUT_RUN) && \
+		$(BIN)/python bench/mutation_summary.py --seconds $$(( $$(date +%s) - start )) \
+		--command "OMP_NUM_THREADS=1 $(MUTMUT_RUN)"

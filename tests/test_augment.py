@@ -1,5 +1,6 @@
 """Training transforms, batch mixing and TenCrop evaluation."""
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -14,6 +15,8 @@ from ar_ray.recipe.augment import (
     build_batch_mixer,
     build_train_transform,
     center_crop_batch,
+    device_autocast,
+    model_layout,
     predict_probabilities,
     ten_crop_batch,
 )
@@ -190,3 +193,9 @@ def test_mixer_off_returns_one_hot():
     views = torch.rand(2, 1, 3, 8, 8)
     same, targets = mix(views, torch.tensor([2, 0]))
     assert same is views and targets.tolist() == [[0, 0, 1], [1, 0, 0]]
+
+
+def test_on_the_cpu_images_keep_their_layout_and_no_autocast_runs():
+    images = torch.zeros(2, 3, 4, 4)
+    assert model_layout(images) is images
+    assert isinstance(device_autocast(torch.device("cpu")), contextlib.nullcontext)

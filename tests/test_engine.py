@@ -21,6 +21,7 @@ from ar_ray.recipe.engine import (
     view_major,
     views_per_image,
 )
+from ar_ray.recipe.sampling import BATCH, ORDER, SAMPLE, EpochSampler, mixed_seed
 
 
 @pytest.mark.slow
@@ -293,3 +294,32 @@ def test_batched_and_per_image_paths_crop_alike():
     per_image = _crop_areas(config, split, batched=False).quantile(deciles)
     batched = _crop_areas(config, split, batched=True).quantile(deciles)
     assert (per_image - batched).abs().max() < 0.05, (per_image, batched)
+
+
+def test_each_epoch_is_one_seeded_permutation_split_across_ranks():
+    """5 images on 2 ranks: 3 steps each, the permutation padded by wrapping its first
+    index, rank r taking every other position from r; the epoch rides along."""
+    ranks = [EpochSampler(5, seed=3, rank=r, world=2) for r in range(2)]
+    assert [len(r) for r in ranks] == [3, 3]
+    assert {epoch for epoch, _ in ranks[0]} == {0}  # before any set_epoch
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    first, second = ([index for _, index in sampler] for sampler in ranks)
+    assert {epoch for sampler in ranks for epoch, _ in sampler} == {1}
+    padded = [None] * 6
+    padded[0::2], padded[1::2] = first, second
+    assert sorted(padded[:5]) == [0, 1, 2, 3, 4] and padded[5] == padded[0]
+    alone = EpochSampler(5, seed=3)
+    alone.set_epoch(1)
+    assert [index for _, index in alone] == padded[:5]  # the same permutation on 1 rank
+    other_seed = EpochSampler(5, seed=4)
+    other_seed.set_epoch(1)
+    assert [index for _, index in other_seed] != padded[:5]
+    alone.set_epoch(2)
+    assert [index for _, index in alone] != padded[:5]
+
+
+def test_mixed_seeds_are_32_bit_and_keep_the_streams_apart():
+    seeds = {mixed_seed(purpose, 0, 0) for purpose in (ORDER, SAMPLE, BATCH)}
+    assert len(seeds) == 3 and all(0 <= seed < 2**32 for seed in seeds)
+    assert mixed_seed(SAMPLE, 1, 2) != mixed_seed(SAMPLE, 2, 1)

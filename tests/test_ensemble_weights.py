@@ -335,3 +335,94 @@ def test_fitted_weights_cannot_be_changed_in_place():
     fitted = uniform(2)
     with pytest.raises(ValueError):
         fitted.weights[0] = 1.0
+
+
+def test_float32_member_probabilities_are_fitted_and_combined_in_float64():
+    """Members' softmax arrives as float32; mixed with float64 weights it must not fail."""
+    members = MEMBERS.astype(np.float32)
+    fitted = fit_all(members, LABELS, size=3)
+    assert fitted["nll"].weights.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(
+        combine(members[:2], uniform(2)), (members[0] + members[1]) / 2, atol=1e-6
+    )
+
+
+def test_temperature_is_applied_at_full_precision():
+    """p^(1/T) renormalised, by hand; T = 0.3 is not a float32 number, so a float32
+    temperature would be off by about 1e-8."""
+    probs = np.array([[[0.2, 0.3, 0.5]]])
+    expected = probs[0] ** (1 / 0.3) / (probs[0] ** (1 / 0.3)).sum()
+    got = combine(probs, FittedWeights("t", [1.0], 0.3))
+    np.testing.assert_allclose(got, expected, rtol=1e-13)
+
+
+def test_the_smallest_legal_sizes_work():
+    """One member, one greedy pick, one L-BFGS iteration and three folds are all valid."""
+    np.testing.assert_array_equal(uniform(1).weights, [1.0])
+    best = greedy_selection(MEMBERS, LABELS, size=1)
+    np.testing.assert_array_equal(best.weights, [1.0, 0.0, 0.0, 0.0])  # STRONG, 80%
+    one_step = nll_optimal(MEMBERS, LABELS, steps=1)
+    assert nll(one_step) < nll(uniform(4))
+    assert stratified_folds(np.arange(3), 3).tolist() == [0, 1, 2]
+    assert np.bincount(stratified_folds(LABELS)).tolist() == [40] * 5  # 5 folds by default
+    assert (
+        cross_fit(MEMBERS[:2], LABELS, np.arange(N) % 3, size=1).fold_of.tolist()
+        == (np.arange(N) % 3).tolist()
+    )
+
+
+def test_size_reaches_every_greedy_fit_inside_fit_all_and_cross_fit():
+    """With one pick, greedy is one member; 25 picks would mix HALF_A and HALF_B."""
+    pair = np.stack([HALF_A, HALF_B])
+    assert fit_all(pair, LABELS, size=1)["greedy"].weights.tolist() == [1.0, 0.0]
+    fit = cross_fit(pair, LABELS, np.arange(N) % 3, size=1)
+    assert fit.fitted["greedy"].weights.tolist() == [1.0, 0.0]
+    greedy = fit.out_of_fold["greedy"]
+    is_a_member = np.isclose(greedy[None], pair, atol=1e-12).all(axis=2).any(axis=0)
+    assert is_a_member.all()
+
+
+def test_cross_fit_records_its_folds_choices_and_a_complete_final():
+    fold_of = np.arange(N) % 3
+    fit = cross_fit(MEMBERS, LABELS, fold_of, size=5)
+    assert fit.fold_of.tolist() == fold_of.tolist()
+    assert fit.chosen in {"uniform", "greedy", "nll"}
+    assert len(fit.fold_choices) == 3 and set(fit.fold_choices) <= {"uniform", "greedy", "nll"}
+    np.testing.assert_allclose(fit.out_of_fold["final"].sum(axis=1), 1.0)
+
+
+def test_an_overconfident_guesser_gets_the_top_temperature():
+    """Always 0.99 on a class that is right a quarter of the time, chance with K = 4: the NLL
+    falls all the way to uniform as T grows, so the fit stops at the range's top, 10."""
+    correct = np.arange(N) % K == 0
+    coin = np.full((N, K), 0.01 / (K - 1))
+    coin[np.arange(N), np.where(correct, LABELS, (LABELS + 1) % K)] = 0.99
+    assert nll_optimal(coin[None], LABELS).temperature == pytest.approx(TEMPERATURE_RANGE[1])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: uniform(0), "an ensemble needs at least one member; got 0"),
+        (lambda: greedy_selection(MEMBERS, LABELS, size=0), "size must be >= 1; got 0"),
+        (lambda: nll_optimal(MEMBERS, LABELS, steps=0), "steps must be >= 1; got 0"),
+        (lambda: best_method({}, LABELS), "no probabilities to choose from"),
+        (lambda: FittedWeights("t", [1.0], 0.0), "temperature must be > 0; got 0.0"),
+        (
+            lambda: fit_all(MEMBERS, LABELS[:-1]),
+            "labels must be [N] with N = 200 to match member_probs [4, 200, 4]; got [199]",
+        ),
+        (
+            lambda: cross_fit(MEMBERS, LABELS, np.zeros(3, dtype=int)),
+            "fold_of must be [N] with N = 200; got [3]",
+        ),
+        (
+            lambda: cross_fit(MEMBERS, LABELS, np.arange(N) % 2),
+            "need at least 3 non-empty folds 0..F-1; got sizes [100, 100, 0]",
+        ),
+    ],
+)
+def test_errors_say_what_is_wrong(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message

@@ -92,3 +92,46 @@ def test_reliability_counts_sum_to_n_and_full_confidence_lands_in_the_top_bin():
 def test_bad_shapes_or_labels_raise(probs, labels):
     with pytest.raises(ValueError, match="labels|probs"):
         classification_metrics(probs, labels)
+
+
+def test_top1_and_top5_count_only_their_own_ranks():
+    # 7 classes; the labels rank 1st, 2nd and 6th: top-1 1/3, top-2 2/3, top-5 2/3, top-6 1.
+    probs = np.tile([0.3, 0.25, 0.15, 0.1, 0.08, 0.07, 0.05], (3, 1))
+    got = classification_metrics(probs, np.array([0, 1, 5]))
+    assert got["top1"] == pytest.approx(1 / 3)
+    assert got["top5"] == pytest.approx(2 / 3)
+
+
+def test_fifteen_bins_by_default():
+    # Confidences 0.934 (right) and 0.938 (wrong) share the top bin (14/15, 1] of 15, so the
+    # ECE is |0.936 - 0.5| = 0.436; 16 bins would split them at 15/16 = 0.9375.
+    probs, labels = stack(two_class(0.934, right=1, wrong=0), two_class(0.938, right=0, wrong=1))
+    assert classification_metrics(probs, labels)["ece"] == pytest.approx(0.436)
+    table = reliability_table(probs, labels)
+    assert table["bin_lower"].tolist() == pytest.approx([14 / 15])
+
+
+def test_reliability_accuracy_is_per_row_argmax():
+    # PROBS' confidences 0.5, 0.6, 0.7 fall in three bins of 10; rows 0 and 2 are right.
+    table = reliability_table(PROBS, LABELS, bins=10)
+    assert table["confidence"].tolist() == pytest.approx([0.5, 0.6, 0.7])
+    assert table["accuracy"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_half_precision_probabilities_still_meet_the_floor():
+    """Scored in float64: in float16, 1e-12 would round to 0 and a zero make the NLL inf."""
+    probs = np.array([[1.0, 0.0]], dtype=np.float16)
+    assert classification_metrics(probs, np.array([1]))["nll"] == pytest.approx(-math.log(1e-12))
+
+
+@pytest.mark.parametrize(
+    ("probs", "labels", "bins", "message"),
+    [
+        (np.zeros((0, 3)), np.zeros(0, dtype=np.int64), 15, "no samples to score (N == 0)"),
+        (PROBS, LABELS, 0, "bins must be >= 1; got 0"),
+    ],
+)
+def test_empty_input_and_zero_bins_raise_with_their_message(probs, labels, bins, message):
+    with pytest.raises(ValueError) as error:
+        reliability_table(probs, labels, bins)
+    assert str(error.value) == message

@@ -40,6 +40,14 @@ def test_ema_update_follows_warmup_formula_for_params_and_buffers():
     assert teacher.module[1].num_batches_tracked.dtype == torch.long
 
 
+def test_the_teacher_takes_no_gradients_and_leaves_the_student_trainable():
+    student = nn.Linear(2, 2)
+    teacher = EmaTeacher(student, decay=0.9)
+    assert not any(p.requires_grad for p in teacher.module.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    assert not teacher.module.training
+
+
 def test_warmup_decay_sequence():
     teacher = EmaTeacher(nn.Linear(1, 1), decay=0.999)
     decays = []
@@ -77,3 +85,18 @@ def test_rampup_follows_the_squared_exponent_inside_the_ramp():
     assert math.isclose(rampup(1.0, 5), math.exp(-3.2), rel_tol=1e-12)
     assert math.isclose(rampup(4.0, 5), math.exp(-0.2), rel_tol=1e-12)
     assert math.isclose(rampup(-1.0, 5), math.exp(-5), rel_tol=1e-12)  # clamped below
+    assert math.isclose(rampup(0.25, 0.5), math.exp(-1.25), rel_tol=1e-12)  # a sub-epoch ramp
+
+
+def test_state_dict_round_trip_restores_weights_and_warmup_step():
+    teacher = EmaTeacher(nn.Linear(2, 2), decay=0.9)
+    for _ in range(3):
+        teacher.update(nn.Linear(2, 2))
+    state = teacher.state_dict()
+    assert set(state) == {"module", "step"} and state["step"] == 3
+    restored = EmaTeacher(nn.Linear(2, 2), decay=0.9)
+    restored.load_state_dict({"module": state["module"], "step": 3.0})  # as read back, a float
+    assert restored.step == 3 and isinstance(restored.step, int)
+    assert restored.current_decay() == 0.75  # min(1 - 1/4, 0.9): the warm-up resumes
+    for mine, theirs in zip(restored.module.parameters(), teacher.module.parameters(), strict=True):
+        assert torch.equal(mine, theirs)

@@ -92,7 +92,7 @@ def dominant_labels(soft_targets: Tensor) -> Tensor:
     return soft_targets.argmax(dim=1)
 
 
-class _GatherWithGradient(torch.autograd.Function):
+class _GatherWithGradient(torch.autograd.Function):  # pragma: no mutate block, DDP only
     """`all_gather` along dim 0 whose backward sums every worker's gradient for this
     worker's rows (an all-reduce, then this worker's slice).
 
