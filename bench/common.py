@@ -211,6 +211,28 @@ def overhead_table(direct: Timing, ray_side: Timing, label: str, ray_init: float
     )
 
 
+BOOTSTRAP = 10_000
+
+
+def paired_bootstrap(diff: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of `diff` ([seeds, images]: one arm's per-image correctness
+    minus another's, paired by seed and image), in points, resampling seeds and images.
+
+    One resample draws as many seeds and images as there are, with replacement; the same
+    images score both arms, so the interval carries the test set's sampling error and the
+    seeds'.
+    """
+    rng = np.random.default_rng(seed)
+    seeds, n = diff.shape
+    means = np.empty(BOOTSTRAP)
+    for b in range(BOOTSTRAP):
+        picked = diff[rng.integers(0, seeds, seeds)]
+        weights = np.bincount(rng.integers(0, n, n), minlength=n)
+        means[b] = (picked @ weights).mean() / n
+    low, high = np.percentile(100 * means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def machine_line(settings: str) -> str:
     """Settings plus the machine and versions, and how busy the machine was when it started."""
     cpu = platform.processor() or platform.machine()

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from common import bench_splits, machine_line, write_results
+from common import bench_splits, machine_line, paired_bootstrap, write_results
 
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits, ImageSplit
@@ -49,7 +49,6 @@ ARMS = {  # name -> (uses SCE, log_zero)
     "SCE, A=-4 (paper text)": (True, -4.0),
     "SCE, A=ln 1e-4 (released code)": (True, LOG_1E4),
 }
-BOOTSTRAP = 10_000
 
 
 def symmetric_noise(labels: np.ndarray, rate: float, num_classes: int, seed: int) -> np.ndarray:
@@ -157,21 +156,9 @@ def run_row(arm: str, args, seed: int, splits: DatasetSplits) -> dict:
 
 def bootstrap_interval(correct: dict, arm: str, base: str, seeds: list[int]) -> tuple:
     """95% interval of the mean paired difference `arm - base` (points), resampling seeds
-    and test images.
-
-    One resample draws len(seeds) seeds and N test images with replacement; the same images
-    score both arms (paired), so it carries the test set's sampling error and the seeds'.
-    """
-    rng = np.random.default_rng(len(seeds))
+    and test images (`common.paired_bootstrap`)."""
     diff = np.stack([correct[(s, arm)].astype(float) - correct[(s, base)] for s in seeds])
-    n = diff.shape[1]
-    means = np.empty(BOOTSTRAP)
-    for b in range(BOOTSTRAP):
-        picked = diff[rng.integers(0, len(seeds), len(seeds))]
-        weights = np.bincount(rng.integers(0, n, n), minlength=n)
-        means[b] = (picked @ weights).mean() / n
-    low, high = np.percentile(100 * means, [2.5, 97.5])
-    return low, high
+    return paired_bootstrap(diff, seed=len(seeds))
 
 
 def paired_row(runs: pd.DataFrame, correct: dict, arm: str, base: str, seeds) -> dict:

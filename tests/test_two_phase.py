@@ -16,6 +16,8 @@ import yaml
 
 from ar_ray import staged
 from ar_ray.config import RecipeConfig, load_config
+from ar_ray.ensembling import EnsembleRequest, plan_members
+from ar_ray.leaderboard import load_tune_record
 from ar_ray.search import run_tune
 from ar_ray.search_space import load_search_space, parse_search_space
 from ar_ray.tune_request import TuneRequest
@@ -108,6 +110,19 @@ def test_both_phases_rank_finished_runs_first(ray_cluster, small_splits, tmp_pat
     assert best == RecipeConfig.from_dict(best.to_dict())
     record = yaml.safe_load((tune_dir / "request.yaml").read_text())
     assert record["request"]["staged"] is True and record["request"]["stage2_trials"] == 3
+
+    # phase-2 trials that ran to the end are full runs: an ensemble reuses them as members
+    # (the first trial at ASHA's one rung always goes on, so at least one did)
+    run = load_tune_record(str(tmp_path / "s"))
+    specs = plan_members(EnsembleRequest(run=str(tmp_path / "s"), members=3), run)
+    assert {s.trial_id for s in specs} == set(two["trial_id"])  # never a stage-one trial
+    by_trial = two.set_index("trial_id")
+    for spec in specs:
+        row = by_trial.loc[spec.trial_id]
+        assert spec.reuse == (row["checkpoint"] if row["status"] == "COMPLETE" else "")
+    reused = [s.reuse for s in specs if s.reuse]
+    assert reused and all(r.startswith("tune/phase2/") for r in reused)
+    assert all((tmp_path / "s" / r / "checkpoint.pt").exists() for r in reused)
 
 
 def _reports(experiment: Path, trial_id: str) -> list[dict]:
