@@ -107,6 +107,24 @@ def test_search_space_keeps_fixed_values_and_domains(tmp_path):
     }
 
 
+def test_a_staged_search_splits_the_searched_keys_and_keeps_the_rest():
+    space = parse_search_space(
+        {"arch": "resnet34", "lr": {"loguniform": [0.001, 0.1]},
+         "mt_weight": {"uniform": [0.5, 2.0]}, "mt_decay": {"uniform": [0.9, 0.99]}},
+        "s.yaml",
+    )  # fmt: skip
+    teacher = space.searching(("mt_weight", "mt_decay"), only=True)
+    others = space.searching(("mt_weight", "mt_decay"), only=False)
+    assert teacher.searched == {
+        "mt_weight": Domain("uniform", (0.5, 2.0)),
+        "mt_decay": Domain("uniform", (0.9, 0.99)),
+    }
+    assert others.searched == {"lr": Domain("loguniform", (0.001, 0.1))}
+    for part in (teacher, others):
+        assert part.fixed == {"arch": "resnet34"} and part.source == "s.yaml"
+    assert space.searched.keys() == {"lr", "mt_weight", "mt_decay"}  # the space is unchanged
+
+
 def test_a_bad_fixed_value_is_reported_against_the_space_file():
     with pytest.raises(ConfigError) as error:
         SearchSpace("s.yaml", {"epochs": 0}, {}).base_config()
