@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,9 @@ def report(runs: pd.DataFrame, args, splits: DatasetSplits) -> None:
         ),
         "Command: `python bench/staged_search.py"
         + (" --quick" if args.quick else "")
-        + f" --seeds {' '.join(map(str, args.seeds))}`",
+        + f" --seeds {' '.join(map(str, args.seeds))} --trials {args.trials} --epochs "
+        f"{args.epochs} --mt-start {args.mt_start} --rampup {args.rampup}"
+        + (f" --limit {args.limit}`" if args.limit else "`"),
     ]
     tables = {
         "Per arm": pd.DataFrame(per_arm),
@@ -253,7 +256,8 @@ def main() -> None:
         args.seeds, args.trials, args.epochs, args.mt_start, args.rampup = [0, 1], 4, 4, 2, 1
         args.limit = 5
     args.folder = "quick" if args.quick else "full"
-    splits = bench_splits(args.limit)
+    whole = bench_splits(None)  # trials see `--limit` images a class; test is the whole set
+    splits = replace(whole.limit_per_class(args.limit), test=whole.test)
     space = space_file(args)
     start_ray()
     rows = [

@@ -57,3 +57,15 @@ def assert_user_error(result: subprocess.CompletedProcess, culprit: str) -> None
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in lines if line.startswith("ar-ray: error:")]
     assert len(errors) == 1 and culprit in errors[0], result.stderr
+
+
+def assert_top5(listed: np.ndarray, shown: np.ndarray, expected: np.ndarray, atol: float) -> None:
+    """Top-5 class indices `listed` and their probabilities `shown` ([N, 5] each) against
+    probabilities `expected` ([N, K]) worked out by hand: the listed classes hold the 5
+    largest expected probabilities, in order, and show them. Classes whose probabilities tie
+    (a member sure of one class floors all others alike) may come in either order, as
+    float32 and float64 break such ties apart."""
+    listed = np.asarray(listed)
+    largest = -np.sort(-expected, axis=1)[:, :5]
+    assert np.allclose(np.take_along_axis(expected, listed, axis=1), largest, atol=atol)
+    assert np.allclose(shown, largest, atol=atol)

@@ -127,7 +127,10 @@ def test_cpu_trials_wait_for_their_node_and_oversized_members_exit_2(cpu_only_cl
         *("--storage", str(tmp_path), "--name", "cpu", *address),
     )
     assert tune.returncode == 0, tune.stderr[-3000:]
-    ensemble = ("ensemble", "--from", str(tmp_path / "cpu"), "--members", "1", "--epochs", "1")
+    ensemble = (  # --retrain: else the member is the finished trial, and no worker is placed
+        *("ensemble", "--from", str(tmp_path / "cpu"), "--members", "1", "--epochs", "1"),
+        "--retrain",
+    )
     for flag, request in (("--gpus-per-worker", "1"), ("--cpus-per-worker", "2")):
         result = run_cli(
             *(*ensemble, flag, request, "--overwrite", *address),

@@ -86,13 +86,14 @@ def test_trials_and_members_run_on_both_worker_nodes(cluster, tmp_path):
         "2",
         "--epochs",
         "1",
+        "--retrain",  # the trials' epochs: without it, the members would be those trials
         "--address",
         cluster.address,
     )
     assert ensemble.returncode == 0, ensemble.stderr[-3000:]
     assert "vs best member" in ensemble.stdout
     members = pd.read_csv(tmp_path / "mn" / "ensemble" / "members.csv")
-    assert set(members["node"]) == workers
+    assert (members["status"] == "trained").all() and set(members["node"]) == workers
 
 
 def _trial_nodes(experiment: Path) -> set[str]:

@@ -32,7 +32,10 @@ def quiet_runs(tmp_path_factory):
     tuned = run_cli("tune", "--space", QUICK, "--trials", "3", *SMALL, *where)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     run = storage / "q"
-    ensembled = run_cli("ensemble", "--from", str(run), "--members", "2", "--epochs", "2")
+    # --retrain: at the trials' epochs, members would be the finished trials, untrained
+    ensembled = run_cli(
+        "ensemble", "--from", str(run), "--members", "2", "--epochs", "2", "--retrain"
+    )
     assert ensembled.returncode == 0, ensembled.stderr[-3000:]
     return run, tuned, ensembled
 
@@ -54,6 +57,7 @@ def test_tune_shows_a_line_per_trial_epoch_and_none_of_rays_chatter(quiet_runs):
 def test_ensemble_shows_members_and_inference_and_none_of_rays_chatter(quiet_runs):
     run, _, ensembled = quiet_runs
     members = pd.read_csv(run / "ensemble" / "members.csv")
+    assert "members: 2 to train (4 epochs in all)" in ensembled.stdout  # the plan, first
     for member in members["member"]:
         assert re.search(rf"^{member}  epoch 2/2  val top-1 .* ETA done$", ensembled.stdout, re.M)
     assert re.search(r"^scored (\d+)/\1 images \(100%\)", ensembled.stdout, re.M)
