@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from common import bench_splits, machine_line, paired_bootstrap, start_ray, write_results
+from common import (
+    bench_splits,
+    machine_line,
+    paired_bootstrap,
+    parse_args,
+    start_ray,
+    write_results,
+)
 
 from ar_ray.data import DatasetSplits
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, inference_model, load_checkpoint
@@ -242,16 +249,17 @@ def report(runs: pd.DataFrame, args, splits: DatasetSplits) -> None:
     write_results("staged_search", tables, notes, args.quick)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run into results/quick/")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--mt-start", type=int, default=8)
     parser.add_argument("--rampup", type=int, default=2)
     parser.add_argument("--limit", type=int, help="images per class (default: all 50)")
-    args = parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], add_arguments)
     if args.quick:
         args.seeds, args.trials, args.epochs, args.mt_start, args.rampup = [0, 1], 4, 4, 2, 1
         args.limit = 5
