@@ -197,9 +197,10 @@ def _finished_trial(spec: MemberSpec, record: TuneRecord) -> str:
 def describe_members(specs: list[MemberSpec], root: str) -> str:
     """What `ensemble` will spend before it starts: members taken from finished trials or
     an earlier run cost no training; the rest train for their epochs."""
-    done = sum(finished_member(root, spec) for spec in specs)
-    reused = sum(bool(spec.reuse) for spec in specs if not finished_member(root, spec))
-    todo = [spec for spec in specs if not spec.reuse and not finished_member(root, spec)]
+    open_specs = [spec for spec in specs if not finished_member(root, spec)]
+    done = len(specs) - len(open_specs)
+    reused = sum(bool(spec.reuse) for spec in open_specs)
+    todo = [spec for spec in open_specs if not spec.reuse]
     epochs = sum(spec.config.epochs for spec in todo)
     parts = [f"{reused} reused from finished tune trials"] if reused else []
     parts += [f"{done} finished in an earlier run"] if done else []

@@ -31,6 +31,11 @@ class FirstRung:
     raised_for: tuple[str, ...] = ()  # the searched staged keys that raised it
 
 
+def mean_teacher_keys(space: SearchSpace) -> tuple[str, ...]:
+    """The searched keys that act only once Mean Teacher runs."""
+    return tuple(key for key in space.searched if key.startswith(MEAN_TEACHER_PREFIX))
+
+
 def _upper(space: SearchSpace, base: RecipeConfig, key: str) -> float:
     """The latest value a trial may get: the upper end of a searched range."""
     domain = space.searched.get(key)
@@ -48,7 +53,7 @@ def first_rung(space: SearchSpace, base: RecipeConfig, grace_period: int) -> Fir
     """`grace_period` (capped by the epochs), raised to when Mean Teacher has acted if any
     `mt_*` key is searched; a searched key that can never act is a one-line error."""
     epochs = base.epochs
-    searched = tuple(key for key in space.searched if key.startswith(MEAN_TEACHER_PREFIX))
+    searched = mean_teacher_keys(space)
     requested = min(grace_period, epochs)
     if not searched:
         return FirstRung(requested)
@@ -102,7 +107,7 @@ class Staging:
 def staging(space: SearchSpace, base: RecipeConfig, mode: str) -> Staging:
     """Two phases whenever `mt_*` keys are searched and Mean Teacher starts after epoch 0
     (`mode` "auto"), unless a phase-2 trial could not be its own run resumed at the cut."""
-    keys = tuple(key for key in space.searched if key.startswith(MEAN_TEACHER_PREFIX))
+    keys = mean_teacher_keys(space)
     if mode == "off":
         return Staging(None, "--staged-search off")
     if not keys:
