@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray refuses to spill once its disk looks 95% full. Test machines share one large disk with
+# a small quota, so capacity (252 GB) hides what is free (~10-25 GB) and spilling fails early;
+# every Ray a test starts (here, in a subprocess, on a fake node) inherits this.
+os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
 
 
 @pytest.fixture(scope="session")
