@@ -212,21 +212,12 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: EnsembleResult) -> None:
-    """The lines users look for: the ensemble against the member that is best on val, the
-    one a user without the ensemble would have kept (the best on test would be an oracle),
-    on every scored split, each number labelled with how it was estimated."""
-    metrics = summary.metrics
-    print(metrics.to_string(index=False, float_format="%.4f"))
-    val_members = metrics[(metrics["split"] == "val") & (metrics["kind"] == "member")]
-    best = val_members.sort_values(["top1", "nll"], ascending=[False, True]).iloc[0]["name"]
-    for split, rows in metrics.groupby("split", sort=False):
-        final = rows[rows["name"] == "final"].iloc[0]
-        member = rows[rows["name"] == best].iloc[0]
-        print(
-            f"{split} top-1: ensemble ({summary.chosen} weights) {100 * final.top1:.2f}% "
-            f"({final.estimate}) vs best member {best} {100 * member.top1:.2f}% "
-            f"({member.estimate}; best on val)"
-        )
+    """Every score, then the lines users look for: the ensemble against the member that is
+    best on val (the one a user without the ensemble would have kept; the best on test would
+    be an oracle) on every scored split, with the gain's interval."""
+    print(summary.metrics.to_string(index=False, float_format="%.4f"))
+    for line in summary.summary_lines():
+        print(line)
     print(f"outputs: {summary.folder}")
 
 

@@ -7,7 +7,9 @@ temperature fitted to validation NLL.
 Validation both fits the weights and picks the method, so a score on the images it was fitted
 on flatters it. `cross_fit` scores every method, and the method choice itself, out of fold:
 each fold's probabilities come from weights fitted (and a method chosen) on the other folds.
-The final weights are refitted on all of validation with the method those scores prefer.
+The final weights are refitted on all of validation with the method those scores prefer,
+and only where its out-of-fold gain in top-1 over uniform is beyond noise (`choose_method`):
+a few hundred validation images flatter a fitted method more often than they reward it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ar_ray.metrics import PROB_FLOOR, check_probs, negative_log_likelihood, top_k_accuracy
+from ar_ray.metrics import (
+    PROB_FLOOR,
+    check_probs,
+    negative_log_likelihood,
+    top_k_accuracy,
+    top_k_correct,
+)
+from ar_ray.uncertainty import paired_gain
 
 TEMPERATURE_RANGE = (0.1, 10.0)
 """A small validation set is often classified perfectly by the ensemble; unbounded, the NLL
@@ -183,12 +192,43 @@ def fit_all(
     }
 
 
+def best_member(member_probs: np.ndarray, labels: np.ndarray) -> int:
+    """The member a user without the ensemble would keep: best on `labels` (val) by top-1,
+    then NLL; a tie keeps the earlier member. Greedy selection's first pick is this one."""
+    member_probs, labels = _check_members(member_probs, labels)
+    scores = [_score(probs, labels) for probs in member_probs]
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
 def best_method(probs: dict[str, np.ndarray], labels: np.ndarray) -> str:
     """The method whose [N, K] probabilities score best; a tie keeps the earlier (simpler) one."""
     if not probs:
         raise ValueError("no probabilities to choose from")
     scores = {name: _score(p, labels) for name, p in probs.items()}
     return max(scores, key=scores.__getitem__)
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    method: str
+    reason: str  # one line, for the CLI, the report and weights.csv
+
+
+def choose_method(probs: dict[str, np.ndarray], labels: np.ndarray) -> MethodChoice:
+    """The best-scoring method (`best_method`), kept only where its gain in top-1 over
+    uniform has a paired-bootstrap 95% interval above zero; otherwise uniform, which fits
+    nothing and so cannot have overfitted. `probs` must be scores the weights never saw."""
+    best = best_method(probs, labels)
+    if best == "uniform":
+        return MethodChoice("uniform", "uniform scores best out of fold")
+    gain = paired_gain(
+        top_k_correct(probs[best], labels, 1), top_k_correct(probs["uniform"], labels, 1)
+    )
+    if gain.above_zero:
+        return MethodChoice(best, f"{best} beats uniform out of fold by {gain}")
+    return MethodChoice(
+        "uniform", f"uniform: {best}'s out-of-fold gain over it, {gain}, is within noise"
+    )
 
 
 def stratified_folds(labels: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -214,7 +254,8 @@ class CrossFit:
     """Every method refitted on all of validation, and validation scored out of fold."""
 
     fitted: dict[str, FittedWeights]  # each method, fitted on all of validation
-    chosen: str  # the method with the best out-of-fold score
+    chosen: str  # `choose_method` on the out-of-fold scores
+    reason: str  # why it was chosen
     out_of_fold: dict[str, np.ndarray]  # each method and "final" -> [N, K]
     fold_of: np.ndarray  # [N] the fold of each validation image
     fold_choices: tuple[str, ...]  # the method "final" used in each fold
@@ -227,9 +268,10 @@ def cross_fit(
 
     "final" is cross-fitted as the whole procedure: for fold k, the method is chosen by its
     out-of-fold score over the other folds (weights fitted without fold k and that fold), and
-    fold k is scored with that method's weights fitted on all folds but k. Both levels reuse
-    the same folds (`fold_of`, e.g. from `stratified_folds`), so this costs one fit per fold
-    and one per pair of folds.
+    fold k is scored with that method's weights fitted on all folds but k. The choice is
+    `choose_method` at both levels, so "final" scores the rule that picks the weights. Both
+    levels reuse the same folds (`fold_of`, e.g. from `stratified_folds`), so this costs one
+    fit per fold and one per pair of folds.
     """
     member_probs, labels = _check_members(member_probs, labels)
     folds = _check_folds(fold_of, labels.size)
@@ -247,12 +289,14 @@ def cross_fit(
         inner = fold_of != k
         inner_fits = {j: pairs[frozenset((k, j))] for j in range(folds) if j != k}
         inner_probs = _out_of_fold(member_probs[:, inner], fold_of[inner], inner_fits)
-        method = best_method(inner_probs, labels[inner])
+        method = choose_method(inner_probs, labels[inner]).method
         fold_choices.append(method)
         final[fold_of == k] = out_of_fold[method][fold_of == k]
+    choice = choose_method(out_of_fold, labels)
     return CrossFit(
         fitted=fit_all(member_probs, labels, size),
-        chosen=best_method(out_of_fold, labels),
+        chosen=choice.method,
+        reason=choice.reason,
         out_of_fold={**out_of_fold, "final": final},
         fold_of=fold_of,
         fold_choices=tuple(fold_choices),

@@ -19,7 +19,8 @@ import pandas as pd
 
 from ar_ray import storage
 from ar_ray.data import DatasetSplits
-from ar_ray.ensemble_weights import CrossFit, combine, cross_fit, stratified_folds
+from ar_ray.diversity import member_diversity
+from ar_ray.ensemble_weights import CrossFit, best_member, combine, cross_fit, stratified_folds
 from ar_ray.errors import UserError
 from ar_ray.inference import InferenceOptions, PoolTally, member_probabilities
 from ar_ray.leaderboard import TuneRecord, config_for_row, searched_columns
@@ -31,13 +32,14 @@ from ar_ray.members import (
     select_members,
     train_members,
 )
-from ar_ray.metrics import classification_metrics, reliability_table
+from ar_ray.metrics import classification_metrics, reliability_table, top_k_correct
 from ar_ray.outputs import atomic_write_csv, environment_info
 from ar_ray.predictions import predictions_frame
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
 from ar_ray.report import write_report
 from ar_ray.resources import DEFAULT_MAX_ACTORS, Resources
 from ar_ray.saved_ensemble import ENSEMBLE_DIR, SavedEnsemble
+from ar_ray.uncertainty import paired_gain
 
 
 @dataclass
@@ -78,16 +80,36 @@ class EnsembleRequest:
 @dataclass
 class EnsembleResult:
     """A finished ensemble: every member's and method's scores (`metrics`, one row per
-    name and split, with how each was estimated), the chosen weighting and its folder."""
+    name and split, with how each was estimated and its gain over `best_member`), the chosen
+    weighting and why, and its folder."""
 
     metrics: pd.DataFrame
     chosen: str
     run: str  # the run folder: `predict` takes it
+    best_member: str = ""  # best on val: the member a user without the ensemble would keep
+    reason: str = ""  # why `chosen` (ensemble_weights.choose_method)
 
     @property
     def folder(self) -> str:
         """Where the outputs are: <run>/ensemble."""
         return storage.join(self.run, ENSEMBLE_DIR)
+
+    def summary_lines(self) -> list[str]:
+        """What a user looks for last, on screen and atop the report: why these weights, and
+        the final ensemble against the best member on every scored split, with the paired
+        bootstrap's 95% interval of the gain, so a loss can be told from noise."""
+        lines = [f"weights: {self.reason}"] if self.reason else []
+        for split, rows in self.metrics.groupby("split", sort=False):
+            final = rows[rows["name"] == "final"].iloc[0]
+            member = rows[rows["name"] == self.best_member].iloc[0]
+            gain = f"{final.vs_best_member:+.2f} points [{final.vs_best_member_low:+.2f}, "
+            gain += f"{final.vs_best_member_high:+.2f}]"
+            lines.append(
+                f"{split} top-1: ensemble ({self.chosen} weights) {100 * final.top1:.2f}% "
+                f"({final.estimate}) vs best member {self.best_member} "
+                f"{100 * member.top1:.2f}% ({member.estimate}; best on val): {gain}"
+            )
+        return lines
 
 
 def _checkpoints(run: str, specs: list[MemberSpec]) -> list[str]:
@@ -113,21 +135,32 @@ class _Scored:
     ensembles: dict[str, np.ndarray]  # each method and "final" -> [N, K]
 
 
-def _metric_rows(scored: _Scored, names: list[str]) -> list[dict[str, Any]]:
-    """Rows for every member and every ensemble's [N, K] probabilities on one split."""
+GAIN_COLUMNS = ["vs_best_member", "vs_best_member_low", "vs_best_member_high"]
+"""Top-1 minus the best-on-val member's on the same split and images, in points, with the
+paired bootstrap's 95% interval (`uncertainty.paired_gain`)."""
+
+
+def _metric_rows(scored: _Scored, names: list[str], best: int) -> list[dict[str, Any]]:
+    """Rows for every member and every ensemble's [N, K] probabilities on one split, each
+    with its gain over member `best`."""
     members = zip(names, scored.member_probs, strict=True)
     rated = [("member", name, probs) for name, probs in members]
     rated += [("ensemble", name, probs) for name, probs in scored.ensembles.items()]
-    return [
-        {
-            "name": name,
-            "kind": kind,
-            "split": scored.split,
-            "estimate": estimate(scored.split, kind),
-            **classification_metrics(probs, scored.labels),
-        }
-        for kind, name, probs in rated
-    ]
+    baseline = top_k_correct(scored.member_probs[best], scored.labels, 1)
+    rows = []
+    for kind, name, probs in rated:
+        gain = paired_gain(top_k_correct(probs, scored.labels, 1), baseline)
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "split": scored.split,
+                "estimate": estimate(scored.split, kind),
+                **classification_metrics(probs, scored.labels),
+                **dict(zip(GAIN_COLUMNS, (gain.points, gain.low, gain.high), strict=True)),
+            }
+        )
+    return rows
 
 
 def _refitted_ensembles(member_probs: np.ndarray, fit: CrossFit) -> dict[str, np.ndarray]:
@@ -231,23 +264,37 @@ def run_ensemble(
     fit = _cross_fit_val(val, splits, fold_of, request.greedy_size, stage)
     scored = [_Scored("val", val, splits.val.labels, fit.out_of_fold)]
     scored += _test_outputs(test, fit, splits, stage)
-    metrics = pd.DataFrame([row for split in scored for row in _metric_rows(split, names)])
+    best = best_member(val, splits.val.labels)
+    metrics = pd.DataFrame([row for part in scored for row in _metric_rows(part, names, best)])
     weights = _weights_frame(fit, names, metrics)
     selection["status"] = selection["member"].map(status)
-    atomic_write_csv(stage / "members.csv", selection.merge(_member_runs(run, specs)))
+    members = selection.merge(_member_runs(run, specs)).join(_member_roles(val, splits, fit))
+    atomic_write_csv(stage / "members.csv", members)
     atomic_write_csv(stage / "weights.csv", weights)
     atomic_write_csv(stage / "metrics.csv", metrics)
+    result = EnsembleResult(metrics, fit.chosen, run, best_member=names[best], reason=fit.reason)
     write_report(
         stage,
         metrics=metrics,
         weights=weights,
         reliability=_reliability(scored[-1]),
         title=f"ar-ray ensemble of {len(specs)} members ({fit.chosen} weights, {request.tta})",
+        summary=result.summary_lines(),
     )
     _saved_ensemble(request, record, splits, names, fit, pool).save(stage)
     if remote:
         _publish(stage, run)
-    return EnsembleResult(metrics=metrics, chosen=fit.chosen, run=run)
+    return result
+
+
+def _member_roles(val: np.ndarray, splits: DatasetSplits, fit: CrossFit) -> pd.DataFrame:
+    """Per member: how it differs from the rest on val (`diversity`), its weight in the final
+    ensemble, and why a member that carries none was left out."""
+    final = fit.fitted[fit.chosen].weights
+    left_out = f"left out: adds no val top-1 to the members {fit.chosen} selection picked first"
+    return member_diversity(val, splits.val.labels).assign(
+        final_weight=final, note=np.where(final > 0, "", left_out)
+    )
 
 
 def _selection(specs: list[MemberSpec]) -> pd.DataFrame:
@@ -360,13 +407,15 @@ def _saved_ensemble(
     fit: CrossFit,
     pool: InferenceOptions,
 ) -> SavedEnsemble:
-    """What `predict` loads: the members, the chosen weights and how images were prepared."""
+    """What `predict` loads: the members the chosen weights use (one left out costs no
+    inference), those weights, and how images were prepared."""
     chosen = fit.fitted[fit.chosen]
+    kept = [i for i, weight in enumerate(chosen.weights) if weight > 0]
     return SavedEnsemble(
-        members=names,
-        checkpoints=[storage.join("members", n, CHECKPOINT_FILE) for n in names],
+        members=[names[i] for i in kept],
+        checkpoints=[storage.join("members", names[i], CHECKPOINT_FILE) for i in kept],
         method=fit.chosen,
-        weights=chosen.weights.tolist(),
+        weights=chosen.weights[kept].tolist(),
         temperature=chosen.temperature,
         tta=request.tta,
         classes=list(splits.classes),

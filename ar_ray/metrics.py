@@ -31,17 +31,20 @@ def check_probs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return probs, labels.astype(np.int64)
 
 
-def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Rank the true class by counting the classes ahead of it, O(N K) with no sort.
-
-    Greedy ensemble selection calls this hundreds of times on the whole validation set.
-    A tie goes to the lower class index, as in argmax, so top-1 agrees with the predictions.
-    """
+def top_k_correct(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """[N] booleans, the true class within the top k: rank it by counting the classes ahead
+    of it, O(N K) with no sort. Greedy ensemble selection calls this hundreds of times on the
+    whole validation set. A tie goes to the lower class index, as in argmax, so top-1 agrees
+    with the predictions."""
     probs, labels = check_probs(probs, labels)
     true_prob = probs[np.arange(labels.shape[0]), labels][:, None]
     lower_index = np.arange(probs.shape[1]) < labels[:, None]
     ahead = (probs > true_prob) | ((probs == true_prob) & lower_index)
-    return float((ahead.sum(axis=1) < k).mean())
+    return ahead.sum(axis=1) < k
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    return float(top_k_correct(probs, labels, k).mean())
 
 
 def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -134,8 +134,10 @@ def write_report(
     weights: pd.DataFrame,
     reliability: pd.DataFrame,
     title: str,
+    summary: list[str] | None = None,
 ) -> Path:
-    """Plots first, then the markdown that links them, so a present report is a complete one."""
+    """Plots first, then the markdown that links them, so a present report is a complete one.
+    `summary`: lines under the title (the gain over the best member, with its interval)."""
     out_dir = Path(out_dir)
     plots = [
         (
@@ -151,6 +153,7 @@ def write_report(
         draw(frame, out_dir / name)
     sections = [
         f"# {title}",
+        *(["\n".join(f"- {line}" for line in summary)] if summary else []),
         "## Metrics",
         markdown_table(metrics),
         "## Ensemble weights",

@@ -160,36 +160,84 @@ def test_saved_val_probabilities_reproduce_the_out_of_fold_scores_and_the_weight
         assert np.allclose(reported, [expected[k] for k in ("top1", "top5", "nll")], atol=1e-9)
     record = yaml.safe_load((run / "ensemble" / "ensemble.yaml").read_text())
     assert record["method"] == summary.chosen == fit.chosen
-    assert np.allclose(record["weights"], fit.fitted[fit.chosen].weights, atol=1e-6)
+    weights = fit.fitted[fit.chosen].weights
+    names = pd.read_csv(run / "ensemble" / "members.csv")["member"].to_numpy()
+    assert record["members"] == list(names[weights > 0])  # predict loads no unused member
+    assert np.allclose(record["weights"], weights[weights > 0], atol=1e-6)
     assert record["fold_methods"] == list(fit.fold_choices)
     assert record["images_per_call"] == 64  # the CPU actors' batch, recorded with the run
 
 
-def test_headline_compares_with_the_member_best_on_val_not_on_test(capsys):
-    rows = [  # member b is best on test, a on val: the headline must name a
-        ("a", "member", "val", 0.70),
-        ("b", "member", "val", 0.60),
-        ("final", "ensemble", "val", 0.72),
-        ("a", "member", "test", 0.50),
-        ("b", "member", "test", 0.65),
-        ("final", "ensemble", "test", 0.55),
+def test_gains_over_the_member_best_on_val_come_with_their_intervals(ensemble_run):
+    """Recomputed from the saved probabilities: the best member is the best on val, and each
+    split's final-vs-best gain is the difference in images right, inside its interval."""
+    run, summary = ensemble_run
+    val, test = (np.load(run / "ensemble" / f"probs_{s}.npz") for s in ("val", "test"))
+    names = list(pd.read_csv(run / "ensemble" / "members.csv")["member"])
+    solo = [classification_metrics(p, val["labels"]) for p in val["member_probs"]]
+    best = min(range(len(names)), key=lambda m: (-solo[m]["top1"], solo[m]["nll"], m))
+    assert summary.best_member == names[best]
+    fit = cross_fit(val["member_probs"], val["labels"], val["folds"])
+    finals = {
+        "val": fit.out_of_fold["final"],
+        "test": combine(test["member_probs"], fit.fitted[fit.chosen]),
+    }
+    metrics = pd.read_csv(run / "ensemble" / "metrics.csv").set_index(["split", "name"])
+    lines = summary.summary_lines()
+    assert lines[0] == f"weights: {fit.reason}"
+    for split, saved in (("val", val), ("test", test)):
+        right = finals[split].argmax(axis=1) == saved["labels"]
+        best_right = saved["member_probs"][best].argmax(axis=1) == saved["labels"]
+        points = 100 * (right.mean() - best_right.mean())
+        gain = metrics.loc[
+            (split, "final"), ["vs_best_member", "vs_best_member_low", "vs_best_member_high"]
+        ]
+        assert gain.iloc[0] == pytest.approx(points) and gain.iloc[1] <= points <= gain.iloc[2]
+        assert metrics.loc[(split, names[best])].vs_best_member_low == 0  # itself, exactly
+        line = next(line for line in lines if line.startswith(f"{split} top-1:"))
+        assert line.endswith(
+            f"; best on val): {points:+.2f} points [{gain.iloc[1]:+.2f}, {gain.iloc[2]:+.2f}]"
+        )
+    report = (run / "ensemble" / "report.md").read_text()
+    assert all(f"- {line}" in report for line in lines)
+
+
+def test_members_csv_says_how_each_member_differs_and_what_it_weighs(ensemble_run):
+    run, summary = ensemble_run
+    members = pd.read_csv(run / "ensemble" / "members.csv")
+    val = np.load(run / "ensemble" / "probs_val.npz")
+    first, second = val["member_probs"].argmax(axis=2)  # two members: the rest is the other
+    assert members["disagreement"].tolist() == pytest.approx([(first != second).mean()] * 2)
+    assert members["final_weight"].sum() == pytest.approx(1.0)
+    left_out = members[members["final_weight"] == 0]
+    assert all(note.startswith("left out: adds no val top-1") for note in left_out["note"])
+
+
+def test_summary_prints_every_score_then_the_weights_and_the_gains(capsys):
+    rows = [  # (name, kind, split, top-1, gain, low, high)
+        ("a", "member", "val", 0.70, 0.0, 0.0, 0.0),
+        ("final", "ensemble", "val", 0.72, 2.0, -0.5, 4.5),
+        ("a", "member", "test", 0.50, 0.0, 0.0, 0.0),
+        ("final", "ensemble", "test", 0.55, 5.0, 1.25, 8.75),
     ]
     metrics = pd.DataFrame(
         [
-            {"name": n, "kind": k, "split": s, "estimate": estimate(s, k), "top1": t, "nll": 1.0}
-            for n, k, s, t in rows
+            {"name": n, "kind": k, "split": s, "estimate": estimate(s, k), "top1": t,
+             "vs_best_member": g, "vs_best_member_low": lo, "vs_best_member_high": hi}
+            for n, k, s, t, g, lo, hi in rows
         ]
-    )
-    print_summary(EnsembleResult(metrics=metrics, chosen="nll", run="runs/x"))
+    )  # fmt: skip
+    reason = "uniform scores best out of fold"
+    print_summary(EnsembleResult(metrics, "uniform", "runs/x", best_member="a", reason=reason))
     lines = capsys.readouterr().out.splitlines()
-    assert (
-        "val top-1: ensemble (nll weights) 72.00% (out-of-fold) "
-        "vs best member a 70.00% (selected-on-val; best on val)"
-    ) in lines
-    assert (
-        "test top-1: ensemble (nll weights) 55.00% (held-out) "
-        "vs best member a 50.00% (held-out; best on val)"
-    ) in lines
+    assert lines[-4:] == [
+        "weights: uniform scores best out of fold",
+        "val top-1: ensemble (uniform weights) 72.00% (out-of-fold) "
+        "vs best member a 70.00% (selected-on-val; best on val): +2.00 points [-0.50, +4.50]",
+        "test top-1: ensemble (uniform weights) 55.00% (held-out) "
+        "vs best member a 50.00% (held-out; best on val): +5.00 points [+1.25, +8.75]",
+        "outputs: runs/x/ensemble",
+    ]
 
 
 def test_actor_tencrop_equals_local_tencrop(ensemble_run, small_splits):

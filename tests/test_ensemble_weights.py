@@ -8,7 +8,9 @@ import pytest
 from ar_ray.ensemble_weights import (
     TEMPERATURE_RANGE,
     FittedWeights,
+    best_member,
     best_method,
+    choose_method,
     combine,
     cross_fit,
     fit_all,
@@ -177,9 +179,57 @@ def test_final_is_the_method_each_fold_chose_and_the_refit_uses_all_of_val(overf
         rows = in_fold(fold)
         np.testing.assert_array_equal(fit.out_of_fold["final"][rows], fit.out_of_fold[method][rows])
     scores = {m: p for m, p in fit.out_of_fold.items() if m != "final"}
-    assert fit.chosen == best_method(scores, LABELS)
+    assert (fit.chosen, fit.reason) == tuple(vars(choose_method(scores, LABELS)).values())
     for method, weights in fit_all(OVERFITTING, LABELS).items():
         np.testing.assert_allclose(fit.fitted[method].weights, weights.weights, atol=1e-9)
+
+
+def first(count: int) -> np.ndarray:
+    """A member right on the first `count` images."""
+    return member(np.arange(N) < count)
+
+
+def test_uniform_wins_when_a_fitted_methods_gain_is_within_noise():
+    """Greedy is right on 3 more of 200 images: the best score, but a resample without
+    those 3 images (about 5% of them) gains nothing, so its interval reaches zero."""
+    probs = {"uniform": first(140), "greedy": first(143), "nll": first(141)}
+    assert best_method(probs, LABELS) == "greedy"
+    choice = choose_method(probs, LABELS)
+    assert choice.method == "uniform"
+    assert choice.reason.startswith("uniform: greedy's out-of-fold gain over it, +1.50 points")
+    assert choice.reason.endswith("is within noise")
+
+
+def test_a_fitted_method_is_kept_when_its_interval_lies_above_zero():
+    probs = {"uniform": first(140), "greedy": first(143), "nll": first(170)}
+    choice = choose_method(probs, LABELS)
+    assert choice.method == "nll"
+    assert choice.reason.startswith("nll beats uniform out of fold by +15.00 points [+")
+
+
+def test_uniform_scoring_best_needs_no_interval():
+    probs = {"uniform": first(150), "greedy": first(143), "nll": first(150)}
+    assert choose_method(probs, LABELS).method == "uniform"
+
+
+def test_a_method_ahead_only_on_nll_is_not_kept():
+    """The complementary pair: uniform already gets every image right, nll only sharpens."""
+    fit = cross_fit(MEMBERS, LABELS, FOLD_OF)
+    assert top_k_accuracy(fit.out_of_fold["uniform"], LABELS, 1) == 1.0
+    scores = {m: p for m, p in fit.out_of_fold.items() if m != "final"}
+    assert best_method(scores, LABELS) == "nll"
+    assert fit.chosen == "uniform" and set(fit.fold_choices) == {"uniform"}
+    assert (
+        fit.reason
+        == "uniform: nll's out-of-fold gain over it, +0.00 points [+0.00, +0.00], is within noise"
+    )
+
+
+def test_best_member_is_best_on_the_labels_given_then_by_nll_then_first():
+    assert best_member(np.stack([first(100), first(150), first(120)]), LABELS) == 1
+    sharper = first(150) ** 2 / (first(150) ** 2).sum(axis=1, keepdims=True)  # same argmax
+    assert best_member(np.stack([first(150), sharper]), LABELS) == 1  # lower NLL
+    assert best_member(np.stack([first(150), first(150)]), LABELS) == 0
 
 
 def test_stratified_folds_are_seeded_balanced_and_cover_every_image():
