@@ -83,6 +83,17 @@ def bench_splits(limit_per_class: int | None):
     return load_dataset(None, 28).limit_per_class(limit_per_class)
 
 
+def whole_split_probabilities(model: Any, split: Any, size: int, tta: str) -> np.ndarray:
+    """[N, K] probabilities of a whole split (an `ImageSplit`), as float64 for the ensemble
+    fits."""
+    import torch
+
+    from ar_ray.recipe.engine import split_probabilities
+
+    chunks = [probs for _, probs in split_probabilities(model, split, size, tta)]
+    return torch.cat(chunks).numpy().astype(np.float64)
+
+
 def make_checkpoint(path: Path) -> None:
     """A real member checkpoint of the default model (1 epoch on 50 images), saved the way
     the engine saves it: inference benchmarks need real weights, not good ones."""

@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from common import whole_split_probabilities
 
 from ar_ray.config import RecipeConfig
-from ar_ray.data import ImageSplit, load_dataset
+from ar_ray.data import load_dataset
 from ar_ray.ensemble_weights import combine, cross_fit, stratified_folds
 from ar_ray.metrics import top_k_accuracy
 from ar_ray.outputs import atomic_write_csv, atomic_write_text
-from ar_ray.recipe.engine import fit, split_probabilities
+from ar_ray.recipe.engine import fit
 
 VARIANTS = ("CE", "SCE", "SCE+CR", "SCE+CR+MT")
 ENSEMBLE_MEMBERS = ("SCE", "SCE+CR", "SCE+CR+MT")
@@ -51,12 +52,6 @@ def variant_config(name: str, epochs: int, seed: int) -> RecipeConfig:
         "SCE+CR+MT": {"mt_weight": 1.0, "mt_start_epoch": epochs // 2},
     }[name]
     return RecipeConfig(**changes, epochs=epochs, seed=seed)
-
-
-def whole_split_probabilities(model: torch.nn.Module, split: ImageSplit, size: int, tta: str):
-    """[N, K] probabilities of a whole split, as float64 for the ensemble fits."""
-    chunks = [probs for _, probs in split_probabilities(model, split, size, tta)]
-    return torch.cat(chunks).numpy().astype(np.float64)
 
 
 def run_path(epochs: int, seed: int, name: str) -> Path:
