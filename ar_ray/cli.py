@@ -212,13 +212,13 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: EnsembleResult) -> None:
-    """Every score, then the lines users look for: the ensemble against the member that is
-    best on val (the one a user without the ensemble would have kept; the best on test would
-    be an oracle) on every scored split, with the gain's interval."""
+    """Every score and where they are, then the lines users look for: the ensemble against
+    the member that is best on val (the one a user without the ensemble would have kept;
+    the best on test would be an oracle) on every scored split, with the gain's interval."""
     print(summary.metrics.to_string(index=False, float_format="%.4f"))
-    for line in summary.summary_lines():
-        print(line)
     print(f"outputs: {summary.folder}")
+    for line in summary.summary_lines():  # last: the test gain, the line a user looks for
+        print(line)
 
 
 def _predict(args: argparse.Namespace) -> int:

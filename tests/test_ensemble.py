@@ -231,12 +231,12 @@ def test_summary_prints_every_score_then_the_weights_and_the_gains(capsys):
     print_summary(EnsembleResult(metrics, "uniform", "runs/x", best_member="a", reason=reason))
     lines = capsys.readouterr().out.splitlines()
     assert lines[-4:] == [
+        "outputs: runs/x/ensemble",
         "weights: uniform scores best out of fold",
         "val top-1: ensemble (uniform weights) 72.00% (out-of-fold) "
         "vs best member a 70.00% (selected-on-val; best on val): +2.00 points [-0.50, +4.50]",
         "test top-1: ensemble (uniform weights) 55.00% (held-out) "
         "vs best member a 50.00% (held-out; best on val): +5.00 points [+1.25, +8.75]",
-        "outputs: runs/x/ensemble",
     ]
 
 
