@@ -23,10 +23,12 @@ _WHERE = {
     "ensemble": "ar_ray.api",
     "predict": "ar_ray.api",
     "train": "ar_ray.api",
+    "export": "ar_ray.api",
     "TuneResult": "ar_ray.api",
     "EnsembleResult": "ar_ray.ensembling",
     "PredictResult": "ar_ray.labelling",
     "TrainResult": "ar_ray.training",
+    "ExportResult": "ar_ray.exporting",
     "SavedEnsemble": "ar_ray.saved_ensemble",
     "RecipeConfig": "ar_ray.config",
     "load_search_space": "ar_ray.search_space",
@@ -35,6 +37,7 @@ _WHERE = {
 }
 __all__ = [
     "EnsembleResult",
+    "ExportResult",
     "PredictResult",
     "RecipeConfig",
     "SavedEnsemble",
@@ -43,6 +46,7 @@ __all__ = [
     "UserError",
     "__version__",
     "ensemble",
+    "export",
     "load_dataset",
     "load_search_space",
     "predict",
@@ -51,11 +55,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ar_ray.api import TuneResult, ensemble, predict, train, tune
+    from ar_ray.api import TuneResult, ensemble, export, predict, train, tune
     from ar_ray.config import RecipeConfig
     from ar_ray.data import load_dataset
     from ar_ray.ensembling import EnsembleResult
     from ar_ray.errors import UserError
+    from ar_ray.exporting import ExportResult
     from ar_ray.labelling import PredictResult
     from ar_ray.saved_ensemble import SavedEnsemble
     from ar_ray.search_space import load_search_space

@@ -41,6 +41,7 @@ from ar_ray.search_plan import SearchPlan
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only inside the workflows that need them
     from ar_ray.ensembling import EnsembleResult
+    from ar_ray.exporting import ExportResult
     from ar_ray.labelling import PredictResult
     from ar_ray.training import TrainResult
 
@@ -510,3 +511,20 @@ def predict(
     embedded = connect(address)
     with failing_fast([actor_demand(options)], embedded), ray_output(verbose):
         return run_predict(saved, locations, Path(out), options)
+
+
+def export(
+    run: str | EnsembleResult,
+    *,
+    model: str = "ensemble",
+    format: str = "onnx",
+    out: str | Path | None = None,
+) -> ExportResult:
+    """`ar-ray export`: the ensemble saved in `run` as one ONNX file (default
+    `<run>/export/<model>.onnx`) taking uint8 NCHW images at the stored size and answering
+    class probabilities, with a JSON sidecar beside it. onnxruntime checks it against the
+    PyTorch path before it is published. Needs the `export` extra; no Ray."""
+    from ar_ray.exporting import run_export
+
+    run = run if isinstance(run, str) else run.run
+    return run_export(run, model=model, format=format, out=out)

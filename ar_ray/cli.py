@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_actor_arguments(predict, "the ensemble's")
     _add_address_argument(predict)
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser(
+        "export", help="a saved ensemble as one ONNX file: uint8 images in, probabilities out"
+    )
+    export.add_argument("--from", dest="run", required=True, help="<storage>/<name> of an ensemble")
+    export.add_argument("--model", default="ensemble", help="what to export (default ensemble)")
+    export.add_argument("--format", default="onnx", help="file format (default onnx)")
+    export.add_argument("--out", help="the .onnx file (default <run>/export/<model>.onnx)")
+    export.set_defaults(handler=_export)
     return parser
 
 
@@ -226,6 +235,17 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"{result.images} predictions written to {result.out}; actors used: {result.pool}")
     if result.errors:
         print(f"{result.errors} images could not be decoded: see the 'error' column")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    result = api.export(args.run, **_options(args, api.export))
+    print(
+        f"exported the {result.model} ({result.members} members, {result.tta}) to {result.out}; "
+        f"onnxruntime matches PyTorch within {result.max_abs_diff:.1e} on "
+        f"{result.checked_images} {result.checked_on}"
+    )
+    print(f"sidecar: {result.sidecar}")
     return 0
 
 
