@@ -14,6 +14,7 @@ second exporter.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from ar_ray.saved_ensemble import SavedEnsemble
 OPSET = 18  # Resize/Pad as opset 18 defines them; onnxruntime >= 1.14 runs it
 TOLERANCE = 1e-4  # max abs difference in probability allowed between onnxruntime and PyTorch
 CHECK_IMAGES = 32
+SHARED_MODE = 0o644  # files meant to be copied to a serving stack; temp files start at 0o600
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 EXTRA_HINT = "pip install 'ar-ray[export]'"
 EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch.onnx's exporter
@@ -221,6 +223,13 @@ def write_onnx(module: ExportedEnsemble, path: str, example: Tensor) -> None:
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on internal APIs
+        _onnx_export(module, example, path, batch)
+    os.chmod(path, SHARED_MODE)
+
+
+def _onnx_export(module: nn.Module, example: Tensor, path: str, batch: Any) -> None:
+    """A model torch.onnx cannot express is one line; --debug shows the exporter's story."""
+    try:
         torch.onnx.export(
             module,
             (example,),
@@ -233,6 +242,10 @@ def write_onnx(module: ExportedEnsemble, path: str, example: Tensor) -> None:
             external_data=False,
             verbose=False,
         )
+    except Exception as error:  # the exporter raises many kinds, all meaning "cannot"
+        raise ExportError(
+            f"torch.onnx could not export this ensemble ({type(error).__name__}); --debug shows why"
+        ) from error
 
 
 def onnx_probabilities(path: str, images: np.ndarray) -> np.ndarray:
@@ -289,6 +302,7 @@ def export_saved(saved: SavedEnsemble, model: str, out: Path) -> ExportResult:
     )
     try:
         atomic_write_text(result.sidecar, json.dumps(sidecar(saved, result), indent=2) + "\n")
+        os.chmod(result.sidecar, SHARED_MODE)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
@@ -311,7 +325,11 @@ def sidecar(saved: SavedEnsemble, result: ExportResult) -> dict[str, Any]:
             "channels": "RGB",
             "range": [0, 255],
             "size": size,
-            "how": f"decode, convert to RGB, resize the whole image to {size}x{size}",
+            "how": (
+                "as ar-ray decodes images (ar_ray.data.image.decode_image): EXIF orientation "
+                "applied, RGB (transparency on white), shorter side resized to "
+                f"{size} px (bicubic), centre {size}x{size} square"
+            ),
         },
         "output": {
             "name": OUTPUT_NAME,

@@ -111,6 +111,7 @@ def test_tencrop_ensemble_answers_as_predict_does(tencrop_run):
         "ensemble.json",
         "ensemble.onnx",
     ]  # no temp file left beside them
+    assert result.out.stat().st_mode & 0o777 == result.sidecar.stat().st_mode & 0o777 == 0o644
 
 
 def test_the_batch_axis_is_dynamic(tencrop_run):
