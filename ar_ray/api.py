@@ -371,6 +371,7 @@ def ensemble(
     images_per_call: int | None = None,
     seed: int | None = None,
     retrain: bool = False,
+    snapshots: int | None = None,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -384,7 +385,9 @@ def ensemble(
     answering 64 images per call on a CPU and 256 on a GPU, seed 0. A member whose config
     and epochs are a finished trial's is that trial's final checkpoint, not trained again
     (members keep their trial's seed; `retrain` trains every member, each with seed
-    `seed + i`). A line says how many members are reused and how many train; a line per
+    `seed + i`). `snapshots` N > 1 trains each member with N cosine cycles with warm
+    restarts (`lr_cycles`) and adds the model at each earlier cycle's end as a member, at no
+    extra epochs. A line says how many members are reused and how many train; a line per
     member epoch and inference progress follow; `verbose` adds Ray's own output.
     """
     from ar_ray.cluster import connect
@@ -407,7 +410,7 @@ def ensemble(
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
         max_concurrent=max_concurrent, tta=tta, cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor, max_actors=max_actors, images_per_call=images_per_call,
-        seed=seed, retrain=retrain,
+        seed=seed, retrain=retrain, snapshots=snapshots,
     )  # fmt: skip
     _positive(
         members=members,
@@ -416,6 +419,7 @@ def ensemble(
         max_concurrent=max_concurrent,
         max_actors=max_actors,
         images_per_call=images_per_call,
+        snapshots=snapshots,
     )
     record = load_tune_record(run)
     root = store.resolve(run)
@@ -446,6 +450,7 @@ def ensemble(
         max_actors=max_actors or DEFAULT_MAX_ACTORS,
         images_per_call=images_per_call,
         retrain=retrain,
+        snapshots=_default(EnsembleRequest, "snapshots", snapshots),
     )
     where = store.join(root, ENSEMBLE_DIR, ENSEMBLE_FILE)
     if resume and store.exists(where):  # a finished ensemble: its request goes on

@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # ray.tune.Checkpoint subclasses ray.train.Checkpoint
     from ray.train import Checkpoint
 
 
+KeepState = Callable[[Mapping[str, Any], dict[str, Any], Path], None]
+"""(metrics, checkpoint state, its file): keeps an epoch's checkpoint beyond Ray's."""
+
+
 @dataclass(frozen=True)
 class RaySession:
     """The Ray calls of the session a fit runs in: a Tune trial's or a Train worker's."""
@@ -46,6 +50,7 @@ def checkpointed_fit(
     after_epoch: Callable[[Mapping[str, Any]], None] | None = None,
     start_from: str | None = None,
     until_epoch: int | None = None,
+    before_report: KeepState | None = None,
 ) -> None:
     """Fit `config`, continuing after the session's latest checkpoint if it has one (else
     after the checkpoint file at `start_from`, a path or URI: a staged search's stage-one
@@ -55,6 +60,9 @@ def checkpointed_fit(
     Every process reports each epoch, as Train expects of each of its ranks.
     `after_epoch(metrics)` runs only where the weights are uploaded, after the report, so
     it sees each epoch once however many ranks train.
+    `before_report(metrics, state, weights)` runs there too, with the epoch's checkpoint file
+    just written, but before the report: whatever it keeps (a snapshot member) is then
+    never behind a reported checkpoint, so a retry that resumes after it cannot skip it.
     """
     state = None
     checkpoint = session.get_checkpoint()
@@ -72,6 +80,8 @@ def checkpointed_fit(
             return
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
+            if before_report is not None:
+                before_report(metrics, state, Path(folder) / CHECKPOINT_FILE)
             session.report(metrics, checkpoint=session.checkpoint_type.from_directory(folder))
         if after_epoch is not None:
             after_epoch(metrics)

@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train every member, even one a finished trial already is (own seed each)",
     )
+    ensemble.add_argument(
+        "--snapshots",
+        type=int,
+        help="N > 1: train members with N lr cycles (SGDR), each cycle's end a member (default 1)",
+    )
     ensemble.add_argument("--resume", action="store_true", help="reuse finished members")
     ensemble.add_argument("--overwrite", action="store_true", help="replace members and outputs")
     ensemble.set_defaults(handler=_ensemble)

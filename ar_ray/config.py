@@ -62,6 +62,8 @@ class RecipeConfig:
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    lr_cycles: int = 1  # cosine cycles with warm restarts (SGDR); see `cycle_ends`
+    swa_epochs: int = 0  # epochs whose ends SWA averages (0: off); see engine.WeightAverage
 
     # attract: Symmetric Cross Entropy
     sce_alpha: float = 1.0
@@ -110,6 +112,8 @@ class RecipeConfig:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
             ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
+            ("lr_cycles", 1 <= self.lr_cycles <= self.epochs, "must be in [1, epochs]"),
+            ("swa_epochs", 0 <= self.swa_epochs < self.epochs, "must be in [0, epochs)"),
             ("sce_alpha", self.sce_alpha >= 0, "must be >= 0"),
             ("sce_beta", self.sce_beta >= 0, "must be >= 0"),
             ("sce_alpha", self.sce_alpha + self.sce_beta > 0, "sce_alpha + sce_beta must be > 0"),
@@ -137,6 +141,12 @@ class RecipeConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{source}: {key}={getattr(self, key)!r} {why}")
+        first_cycle = cycle_ends(self.epochs, self.lr_cycles)[0]
+        if self.lr_cycles > 1 and self.warmup_epochs >= first_cycle:  # else a snapshot at peak lr
+            raise ConfigError(
+                f"{source}: warmup_epochs={self.warmup_epochs!r} must be shorter than the first"
+                f" of lr_cycles={self.lr_cycles} cycles ({first_cycle} epochs)"
+            )
         if self.arch not in classification_archs():
             raise ConfigError(f"{source}: arch={self.arch!r} is not a torchvision classifier")
 
@@ -172,6 +182,14 @@ class RecipeConfig:
     def replace_checked(self, key: str, value: Any, source: str) -> RecipeConfig:
         """Like replace, but an invalid value is reported against `source` and `key`."""
         return RecipeConfig.from_dict({**self.to_dict(), key: value}, source=f"{source}: {key}")
+
+
+def cycle_ends(epochs: int, cycles: int) -> list[int]:
+    """The epoch at which each of `cycles` learning-rate cycles ends: floor(k * epochs /
+    cycles) for k = 1..cycles. Integer arithmetic, so no tie rule decides a boundary, every
+    cycle is whole epochs (a snapshot is an epoch's end) and lengths differ by one at most;
+    with cycles <= epochs each is at least one epoch, and the last ends at `epochs`."""
+    return [k * epochs // cycles for k in range(1, cycles + 1)]
 
 
 @functools.cache

@@ -31,6 +31,8 @@ from ar_ray.members import (
     member_dir,
     select_members,
     train_members,
+    with_cycles,
+    with_snapshots,
 )
 from ar_ray.metrics import classification_metrics, reliability_table, top_k_correct
 from ar_ray.outputs import atomic_write_csv, environment_info
@@ -63,6 +65,7 @@ class EnsembleRequest:
     max_actors: int = DEFAULT_MAX_ACTORS
     images_per_call: int | None = None  # None: by the actors' device (inference.py)
     retrain: bool = False  # True: train every member, even one a finished trial already is
+    snapshots: int = 1  # > 1: members train lr_cycles=snapshots, each cycle's end a member
 
     def train_options(self, root: str) -> TrainOptions:
         worker = Resources(cpus=self.cpus_per_worker, gpus=self.gpus_per_worker)
@@ -206,14 +209,17 @@ def prepare_ensemble_dir(run: str, *, resume: bool, overwrite: bool) -> None:
 
 def plan_members(request: EnsembleRequest, record: TuneRecord) -> list[MemberSpec]:
     """The members, each marked with the finished trial it is where one is (unless
-    `retrain`); cheap, so the CLI checks it before starting any Ray work."""
+    `retrain`), and with `snapshots` > 1 each trained one followed by its snapshots;
+    cheap, so the CLI checks it before starting any Ray work."""
     base = record.base.replace(epochs=request.epochs or record.base.epochs)
     specs = select_members(
         record.board, base, request.members, request.archs, request.seed, not request.retrain
     )
-    if request.retrain or request.workers_per_member > 1:  # DDP is another run than a trial's
-        return specs
-    return [replace(spec, reuse=_finished_trial(spec, record)) for spec in specs]
+    if request.snapshots > 1:  # another schedule: a trial is reused only if it ran it too
+        specs = [with_cycles(number, s, request.snapshots) for number, s in enumerate(specs)]
+    if not (request.retrain or request.workers_per_member > 1):  # DDP: not a trial's run
+        specs = [replace(spec, reuse=_finished_trial(spec, record)) for spec in specs]
+    return with_snapshots(specs) if request.snapshots > 1 else specs
 
 
 def _finished_trial(spec: MemberSpec, record: TuneRecord) -> str:
@@ -229,15 +235,18 @@ def _finished_trial(spec: MemberSpec, record: TuneRecord) -> str:
 
 def describe_members(specs: list[MemberSpec], root: str) -> str:
     """What `ensemble` will spend before it starts: members taken from finished trials or
-    an earlier run cost no training; the rest train for their epochs."""
+    an earlier run cost no training, nor do snapshots of the members that train; the rest
+    train for their epochs."""
     open_specs = [spec for spec in specs if not finished_member(root, spec)]
     done = len(specs) - len(open_specs)
     reused = sum(bool(spec.reuse) for spec in open_specs)
-    todo = [spec for spec in open_specs if not spec.reuse]
+    snapshots = sum(bool(spec.snapshot_of) for spec in open_specs)
+    todo = [spec for spec in open_specs if not spec.reuse and not spec.snapshot_of]
     epochs = sum(spec.config.epochs for spec in todo)
     parts = [f"{reused} reused from finished tune trials"] if reused else []
     parts += [f"{done} finished in an earlier run"] if done else []
     parts.append(f"{len(todo)} to train ({epochs} epochs in all)")
+    parts += [f"{snapshots} snapshots of them (no extra epochs)"] if snapshots else []
     return f"members: {', '.join(parts)}"
 
 

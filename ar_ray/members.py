@@ -7,10 +7,11 @@ runs the recipe's engine, checkpoints every epoch and survives worker or node lo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,9 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ar_ray import storage
-from ar_ray.checkpointed_fit import RaySession, checkpointed_fit
+from ar_ray.checkpointed_fit import KeepState, RaySession, checkpointed_fit
 from ar_ray.cluster import assigned_device
-from ar_ray.config import RecipeConfig
+from ar_ray.config import RecipeConfig, cycle_ends
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
 from ar_ray.leaderboard import config_for_row, finished_trials, searched_columns
@@ -49,6 +50,8 @@ class MemberSpec:
     tune_rank: int
     reason: str
     reuse: str = ""  # the trial's final checkpoint folder (relative to the run) it is, if any
+    snapshot_of: str = ""  # the member whose run it is a snapshot of (no training of its own)
+    snapshot_epoch: int = 0  # the epoch of that run it is the model at (a cycle's end)
 
 
 def config_distances(board: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -140,6 +143,54 @@ def make_member_id(number: int, trial_id: str, config: RecipeConfig) -> str:
     return f"m{number + 1}-{config.arch}-{trial_id}-s{config.seed}-{digest[:8]}"
 
 
+def with_cycles(number: int, spec: MemberSpec, cycles: int) -> MemberSpec:
+    """The member trained with `cycles` warm restarts (`--snapshots`): another config, so
+    another id (and no finished trial matches it unless one ran those cycles)."""
+    config = spec.config.replace_checked("lr_cycles", cycles, "--snapshots")
+    member_id = make_member_id(number, spec.trial_id, config)
+    return dataclasses.replace(spec, config=config, member_id=member_id)
+
+
+def snapshot_specs(parent: MemberSpec) -> list[MemberSpec]:
+    """Members that cost no epochs (Huang et al. 2017, "Snapshot Ensembles"): the parent's
+    model at the end of each of its lr cycles but the last (the parent itself is the last).
+    `<parent>-c<k>` is as stable as the parent's id, which hashes its config."""
+    ends = cycle_ends(parent.config.epochs, parent.config.lr_cycles)[:-1]
+    return [
+        dataclasses.replace(
+            parent,
+            member_id=f"{parent.member_id}-c{cycle}",
+            reason=f"snapshot of {parent.member_id}: end of lr cycle {cycle} (epoch {epoch})",
+            reuse="",
+            snapshot_of=parent.member_id,
+            snapshot_epoch=epoch,
+        )
+        for cycle, epoch in enumerate(ends, start=1)
+    ]
+
+
+def with_snapshots(specs: Sequence[MemberSpec]) -> list[MemberSpec]:
+    """Each member followed by its snapshots; a member that is a finished trial has none:
+    that run's cycle ends were not kept (Train keeps its last two checkpoints only)."""
+    return [
+        s for parent in specs for s in [parent, *([] if parent.reuse else snapshot_specs(parent))]
+    ]
+
+
+def _snapshot_keeper(snapshots: Sequence[tuple[int, MemberSpec, str]]) -> KeepState | None:
+    """Publish a snapshot member from the epoch's checkpoint at each of its epochs."""
+    at_epoch = {epoch: (spec, folder) for epoch, spec, folder in snapshots}
+    if not at_epoch:
+        return None
+
+    def keep(metrics: Mapping[str, Any], state: dict[str, Any], weights: Path) -> None:
+        if metrics["epoch"] in at_epoch:
+            spec, folder = at_epoch[metrics["epoch"]]
+            publish_member(weights, state, spec, folder)
+
+    return keep
+
+
 def member_train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Train worker: the engine joins DDP because Train set up the process group."""
     quiet_train_reports()
@@ -153,7 +204,14 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
         ray.train.Checkpoint,
         uploads_weights=ray.train.get_context().get_world_rank() == 0,
     )
-    checkpointed_fit(config, splits, session, worker_device(), after_epoch=show_progress)
+    checkpointed_fit(
+        config,
+        splits,
+        session,
+        worker_device(),
+        after_epoch=show_progress,
+        before_report=_snapshot_keeper(loop_config.get("snapshots", ())),
+    )
 
 
 def worker_device() -> torch.device:
@@ -198,8 +256,12 @@ def train_member(
     train_loop: Callable[[dict[str, Any]], None] = member_train_loop,
     backend: str = "gloo",
     progress: ProgressHandle | None = None,
+    snapshots: Sequence[MemberSpec] = (),
 ) -> dict[str, Any]:
-    """Fit one member; a re-run with the same id resumes from its latest Train checkpoint."""
+    """Fit one member; a re-run with the same id resumes from its latest Train checkpoint.
+
+    Rank 0 publishes each of `snapshots` (this member's) at its epoch, through storage, so
+    to a bucket too: Train's own checkpoints of that epoch are gone by the end."""
     worker = options.worker
     trainer = TorchTrainer(
         train_loop,
@@ -208,6 +270,9 @@ def train_member(
             "splits": splits_ref,
             "member_id": spec.member_id,
             "progress": progress,
+            "snapshots": [
+                (s.snapshot_epoch, s, member_dir(options.root, s.member_id)) for s in snapshots
+            ],
         },
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
@@ -269,11 +334,15 @@ def train_members(
     All of them are submitted at once (or `max_concurrent`): the autoscaler sees their
     whole demand and grows the cluster to fit it, instead of one member at a time.
     """
-    todo = [spec for spec in specs if not finished_member(options.root, spec)]
-    status = {spec.member_id: "reused" for spec in specs if spec not in todo}
+    open_specs = [spec for spec in specs if not finished_member(options.root, spec)]
+    status = {spec.member_id: "reused" for spec in specs if spec not in open_specs}
+    snapshots = [spec for spec in open_specs if spec.snapshot_of]
+    todo = [spec for spec in open_specs if not spec.snapshot_of]
+    _check_parents_open(snapshots, todo)
     for spec in [spec for spec in todo if spec.reuse and reuse_trial(spec, options.root)]:
         status[spec.member_id] = f"reused from trial {spec.trial_id}"
         todo.remove(spec)
+    status |= {spec.member_id: f"snapshot of {spec.snapshot_of}" for spec in snapshots}
     if not todo:
         return status
     splits_ref = ray.put(splits.for_training())
@@ -282,7 +351,14 @@ def train_members(
     progress = MemberProgress().start()
     futures = {
         spec.member_id: pool.submit(
-            train_member, spec, splits_ref, options, train_loop, backend, progress.handle
+            train_member,
+            spec,
+            splits_ref,
+            options,
+            train_loop,
+            backend,
+            progress.handle,
+            [snapshot for snapshot in snapshots if snapshot.snapshot_of == spec.member_id],
         )
         for spec in todo
     }
@@ -296,3 +372,15 @@ def train_members(
         pool.shutdown(wait=False, cancel_futures=True)
         progress.close()
     return status | {member_id: "trained" for member_id in futures}
+
+
+def _check_parents_open(snapshots: list[MemberSpec], training: list[MemberSpec]) -> None:
+    """A snapshot is published while its parent trains; a finished parent cannot make it
+    again (Train resumes it at its end), so a missing one is an error, before any work."""
+    parents = {spec.member_id for spec in training}
+    for spec in snapshots:
+        if spec.snapshot_of not in parents:
+            raise UserError(
+                f"member {spec.member_id} is missing but {spec.snapshot_of}, whose run it is "
+                "a snapshot of, finished; pass --overwrite to train both again"
+            )

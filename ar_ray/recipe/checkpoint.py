@@ -53,10 +53,20 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
         raise CheckpointError(f"{source}: weights do not fit this architecture") from None
 
 
+def serving_weights(state: dict[str, Any], config: RecipeConfig) -> dict[str, Any]:
+    """The weights to serve, as `engine.fit` evaluates them: SWA's average in a finished
+    run (its BatchNorm statistics are recomputed only after the last epoch), else the Mean
+    Teacher when one was trained, else the student. A snapshot taken mid-run is thus the
+    model it trained at that epoch, never a half-made average."""
+    swa, teacher = state.get("swa"), state.get("teacher")
+    if swa and state["epoch"] == config.epochs:
+        return swa["module"]
+    return teacher["module"] if teacher else state["model"]
+
+
 def inference_model(state: dict[str, Any], source: str = "checkpoint") -> ARNet:
-    """The model to serve: the Mean Teacher when one was trained, else the student."""
+    """The model to serve (`serving_weights`), ready for evaluation."""
     config = RecipeConfig.from_dict(state["config"], source=source)
     model = ARNet(config, state["num_classes"])
-    teacher = state.get("teacher")
-    load_weights(model, teacher["module"] if teacher else state["model"], source)
+    load_weights(model, serving_weights(state, config), source)
     return model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ar_ray.config import RecipeConfig
+from ar_ray.config import RecipeConfig, cycle_ends
 from ar_ray.data import DatasetSplits, ImageSplit
 from ar_ray.recipe.augment import (
     CROPS_PER_IMAGE,
@@ -38,6 +38,7 @@ from ar_ray.recipe.losses import contrastive_regularization, dominant_labels, so
 from ar_ray.recipe.losses import symmetric_cross_entropy as sce
 from ar_ray.recipe.models import ARNet, place_model
 from ar_ray.recipe.sampling import BATCH, EpochSampler, mixed_seed
+from ar_ray.recipe.swa import WeightAverage
 from ar_ray.recipe.teacher import EmaTeacher, rampup, soft_pseudo_labels
 
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
@@ -47,7 +48,7 @@ PREFETCH_BATCHES = 4  # per loader worker: evens out the policy ops' uneven cost
 
 @dataclass
 class FitResult:
-    model: ARNet  # the model to serve: the teacher when Mean Teacher ran
+    model: ARNet  # the model to serve: SWA's average, else the teacher, else the student
     state: dict[str, Any]  # the final checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -64,11 +65,20 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up, then cosine decay to zero over the remaining steps."""
-    if step < warmup_steps:
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, restarts: Sequence[int] = ()
+) -> float:
+    """Linear warm-up, then cosine decay to zero by the end of each cycle (SGDR, Loshchilov
+    & Hutter 2017): `restarts` are the steps where a new cycle starts at the full rate
+    again, so the model at each cycle's end has settled in a minimum (a snapshot member).
+    Only the first cycle warms up: a restart is meant to jump out of the minimum. Without
+    restarts this is the single warm-up-and-cosine schedule, to the bit."""
+    start = max((restart for restart in restarts if restart <= step), default=0)
+    if start == 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    end = min((restart for restart in restarts if restart > step), default=total_steps)
+    begin = warmup_steps if start == 0 else start
+    progress = (step - begin) / max(1, end - begin)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -233,11 +243,14 @@ class _Run:
         self.steps_per_epoch = len(self.loader)
         warmup = round(config.warmup_epochs * self.steps_per_epoch)
         total = config.epochs * self.steps_per_epoch
+        ends = cycle_ends(config.epochs, config.lr_cycles)
+        restarts = [end * self.steps_per_epoch for end in ends[:-1]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, warmup, total)
+            self.optimizer, lambda step: lr_factor(step, warmup, total, restarts)
         )
         self.mix = build_batch_mixer(config, splits.num_classes)
         self.teacher: EmaTeacher | None = None
+        self.swa: WeightAverage | None = None
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
 
@@ -250,6 +263,7 @@ class _Run:
             "num_classes": self.splits.num_classes,
             "model": self.model.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher else None,
+            "swa": self.swa.state_dict() if self.swa else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": list(self.history),
@@ -261,6 +275,9 @@ class _Run:
         if state.get("teacher"):
             self.teacher = EmaTeacher(self.model, self.config.mt_decay)
             self.teacher.load_state_dict(state["teacher"])
+        if state.get("swa"):
+            self.swa = WeightAverage(self.model)
+            self.swa.load_state_dict(state["swa"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
@@ -268,7 +285,24 @@ class _Run:
 
     @property
     def serving_model(self) -> ARNet:
+        """SWA's average once the last epoch recomputed its BatchNorm statistics (before,
+        they are stale), else the teacher where Mean Teacher runs, else the student."""
+        if self.swa is not None and self.epoch == self.config.epochs:
+            return self.swa.module
         return self.teacher.module if self.teacher else self.model
+
+    def end_epoch(self) -> None:
+        """Count the epoch; inside SWA's window (the last `swa_epochs`) average the student
+        at its end, and after the last one give the average its BatchNorm statistics."""
+        self.epoch += 1
+        config = self.config
+        if self.epoch <= config.epochs - config.swa_epochs:
+            return
+        if self.swa is None:
+            self.swa = WeightAverage(self.model)
+        self.swa.update(self.model)
+        if self.epoch == config.epochs:
+            self.swa.recompute_batchnorm(self.splits.train, config.image_size, config.batch_size)
 
     def _loss(self, views: Tensor, labels: Tensor, progress: float) -> Tensor:
         config = self.config
@@ -362,6 +396,7 @@ def fit(
     on the device instead, by default where that device is CUDA. `until_epoch` ends the fit
     early on the full run's schedule (a staged search's stage-one trial stops where Mean
     Teacher would start): resuming its state with `config` gives the full run bit for bit.
+    With `swa_epochs`, the last epoch evaluates and returns SWA's average (`_Run.end_epoch`).
     """
     device = device or default_device()
     on_device = device.type == "cuda" if batch_augment is None else batch_augment
@@ -372,7 +407,7 @@ def fit(
     while run.epoch < last:
         started, started_at = time.perf_counter(), time.time()
         train_loss = run.train_epoch()
-        run.epoch += 1
+        run.end_epoch()
         scores = evaluate(run.serving_model, splits.val, config.image_size, "center")
         metrics = {
             "epoch": run.epoch,
