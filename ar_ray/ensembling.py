@@ -317,7 +317,7 @@ def _selection(specs: list[MemberSpec]) -> pd.DataFrame:
                 "tune_rank": s.tune_rank,
                 "arch": s.config.arch,
                 "seed": s.config.seed,
-                "epochs": s.config.epochs,
+                "epochs": s.snapshot_epoch or s.config.epochs,  # a snapshot: its cycle end
                 "reason": s.reason,
             }
             for s in specs
