@@ -211,7 +211,7 @@ def best_method(probs: dict[str, np.ndarray], labels: np.ndarray) -> str:
 @dataclass(frozen=True)
 class MethodChoice:
     method: str
-    reason: str  # one line, for the CLI, the report and weights.csv
+    reason: str  # one line, for the closing lines of `ensemble` and the report
 
 
 def choose_method(probs: dict[str, np.ndarray], labels: np.ndarray) -> MethodChoice:

@@ -8,6 +8,7 @@ import pytest
 from ar_ray.ensemble_weights import (
     TEMPERATURE_RANGE,
     FittedWeights,
+    MethodChoice,
     best_member,
     best_method,
     choose_method,
@@ -209,7 +210,9 @@ def test_a_fitted_method_is_kept_when_its_interval_lies_above_zero():
 
 def test_uniform_scoring_best_needs_no_interval():
     probs = {"uniform": first(150), "greedy": first(143), "nll": first(150)}
-    assert choose_method(probs, LABELS).method == "uniform"
+    assert choose_method(probs, LABELS) == MethodChoice(
+        "uniform", "uniform scores best out of fold"
+    )
 
 
 def test_a_method_ahead_only_on_nll_is_not_kept():
