@@ -18,6 +18,7 @@ images: the mean over seeds and a bootstrap 95% interval resampling both.
 
     python bench/ensemble_gain.py                       # 3 seeds, report
     python bench/ensemble_gain.py --seeds 1 --no-report # one seed per process
+    python bench/ensemble_gain.py --sources snapshots --no-report  # one source
     python bench/ensemble_gain.py --report-only
     python bench/ensemble_gain.py --quick
 
@@ -62,6 +63,7 @@ class Settings:
     k_values: tuple[int, ...]
     limit_per_class: int | None
     quick: bool
+    sources: tuple[str, ...] = ()  # empty: all
 
     @property
     def k_max(self) -> int:
@@ -218,9 +220,11 @@ MIXES: dict[str, Callable] = {
 
 
 def cells(settings: Settings) -> list[tuple[str, int, Callable]]:
-    """(source, K, how to get its members): every source at every K, the mixes at k-max."""
+    """(source, K, how to get its members): every source at every K, the mixes at k-max;
+    only `settings.sources` where given."""
     plain = [(name, k, source) for name, source in SOURCES.items() for k in settings.k_values]
-    return plain + [(name, settings.k_max, source) for name, source in MIXES.items()]
+    every = plain + [(name, settings.k_max, source) for name, source in MIXES.items()]
+    return [cell for cell in every if not settings.sources or cell[0] in settings.sources]
 
 
 def score(members: Members, splits, seed: int) -> dict:
@@ -293,6 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--limit-per-class", type=int, default=None)
+    parser.add_argument(
+        "--sources", nargs="+", default=[], choices=[*SOURCES, *MIXES], help="default: all"
+    )
     parser.add_argument("--no-report", action="store_true", help="train only")
     parser.add_argument("--report-only", action="store_true", help="report from saved runs")
 
@@ -301,7 +308,10 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], add_arguments)
     if args.quick:
         args.epochs, args.seeds, args.k, args.limit_per_class = 2, [0, 1], [1, 2], 5
-    settings = Settings(args.epochs, tuple(sorted(args.k)), args.limit_per_class, args.quick)
+    k_values = tuple(sorted(args.k))
+    settings = Settings(
+        args.epochs, k_values, args.limit_per_class, args.quick, tuple(args.sources)
+    )
     splits = bench_splits(args.limit_per_class)
     if not args.report_only:
         for seed in args.seeds:
