@@ -133,6 +133,8 @@ def test_distill_writes_the_student_scored_beside_the_ensemble(distilled, ensemb
         student, torch.from_numpy(splits.test.images.copy()), 28, saved.tta
     ).numpy()
     assert row["top1"] == pytest.approx((probs.argmax(1) == splits.test.labels).mean())
+    nll = -np.log(np.clip(probs[np.arange(len(probs)), splits.test.labels], 1e-12, None)).mean()
+    assert row["nll"] == pytest.approx(nll, rel=1e-4)  # TenCrop's answer, not another view's
     assert row["estimate"] == "held-out"
     speed = pd.read_csv(folder / "speed.csv")
     assert list(speed["model"]) == ["distilled", "ensemble", "best member"]
