@@ -66,6 +66,11 @@ def _combined(members: Sequence[nn.Module], saved: SavedEnsemble) -> Predict:
     return predict
 
 
+def _single(model: nn.Module, saved: SavedEnsemble) -> Predict:
+    """One model's answer, as `predict` gives it for a one-member ensemble of weight 1."""
+    return lambda images: predict_probabilities(model, images, saved.image_size, saved.tta)
+
+
 def _answers(predict: Predict, split: ImageSplit, chunk: int) -> np.ndarray:
     parts = []
     for start in range(0, len(split), chunk):
@@ -99,13 +104,12 @@ def score_and_time(
         for member in members:
             place_model(member, device)
     chunk = max(1, EVAL_CROPS // CROPS_PER_IMAGE[saved.tta])
-    predictors = {name: _combined(members, saved) for name, members in models.items()}
-    predictors[STUDENT] = lambda images: predict_probabilities(
-        models[STUDENT][0], images, saved.image_size, saved.tta
-    )
-    predictors["best member"] = lambda images: predict_probabilities(
-        models["best member"][0], images, saved.image_size, saved.tta
-    )
+    predictors = {
+        name: _single(members[0], saved)
+        if len(members) == 1 and name != "ensemble"
+        else _combined(members, saved)
+        for name, members in models.items()
+    }
     speed = []
     for name, predict in predictors.items():
         rate, count = _images_per_second(predict, val.images, chunk)
