@@ -22,10 +22,12 @@ _WHERE = {
     "tune": "ar_ray.api",
     "ensemble": "ar_ray.api",
     "predict": "ar_ray.api",
+    "distill": "ar_ray.api",
     "train": "ar_ray.api",
     "export": "ar_ray.api",
     "TuneResult": "ar_ray.api",
     "EnsembleResult": "ar_ray.ensembling",
+    "DistillResult": "ar_ray.distilling",
     "PredictResult": "ar_ray.labelling",
     "TrainResult": "ar_ray.training",
     "ExportResult": "ar_ray.exporting",
@@ -36,6 +38,7 @@ _WHERE = {
     "UserError": "ar_ray.errors",
 }
 __all__ = [
+    "DistillResult",
     "EnsembleResult",
     "ExportResult",
     "PredictResult",
@@ -45,6 +48,7 @@ __all__ = [
     "TuneResult",
     "UserError",
     "__version__",
+    "distill",
     "ensemble",
     "export",
     "load_dataset",
@@ -55,9 +59,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ar_ray.api import TuneResult, ensemble, export, predict, train, tune
+    from ar_ray.api import TuneResult, distill, ensemble, export, predict, train, tune
     from ar_ray.config import RecipeConfig
     from ar_ray.data import load_dataset
+    from ar_ray.distilling import DistillResult
     from ar_ray.ensembling import EnsembleResult
     from ar_ray.errors import UserError
     from ar_ray.exporting import ExportResult

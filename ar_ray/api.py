@@ -40,6 +40,7 @@ from ar_ray.resources import (
 from ar_ray.search_plan import SearchPlan
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only inside the workflows that need them
+    from ar_ray.distilling import DistillResult
     from ar_ray.ensembling import EnsembleResult
     from ar_ray.exporting import ExportResult
     from ar_ray.labelling import PredictResult
@@ -475,10 +476,76 @@ def ensemble(
         return run_ensemble(request, record, splits, options)
 
 
+def distill(
+    run: str | EnsembleResult,
+    *,
+    arch: str | None = None,
+    epochs: int | None = None,
+    temperature: float | None = None,
+    label_weight: float | None = None,
+    seed: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> DistillResult:
+    """`ar-ray distill`: train one student on the saved ensemble's answers, online (each
+    step the ensemble scores the student's own augmented crops), and put it beside them.
+
+    Defaults: the best-on-val member's recipe and backbone, the members' epochs, T=4, no
+    label term, seed 0, as a Ray Train job with the member workers the ensemble recorded.
+    The loss is `T^2 KL(softmax(teacher/T) || softmax(student/T))` (+ `label_weight` times
+    the recipe's loss). Train images only; val and test stay held out. Outputs in
+    `<run>/distilled/`: the checkpoint, metrics.csv, speed.csv, report.md and the saved
+    one-member ensemble that `predict(..., model="distilled")` and `export` read.
+    """
+    from ar_ray.cluster import connect
+    from ar_ray.distilling import (
+        DistillRequest,
+        describe_plan,
+        plan_distill,
+        prepare_distill_dir,
+        run_distill,
+    )
+    from ar_ray.feasibility import Demand, failing_fast
+    from ar_ray.leaderboard import load_tune_record
+    from ar_ray.ray_output import ray_output
+    from ar_ray.saved_ensemble import DISTILLED_DIR
+
+    run = run if isinstance(run, str) else run.run
+    request = DistillRequest(
+        run=run,
+        arch=arch,
+        epochs=epochs,
+        temperature=_default(DistillRequest, "temperature", temperature),
+        label_weight=_default(DistillRequest, "label_weight", label_weight),
+        seed=_default(DistillRequest, "seed", seed),
+    )
+    plan = plan_distill(request)  # every bad input fails here, before Ray starts
+    root = store.resolve(run)
+    store.ensure_writable(store.join(root, DISTILLED_DIR))  # or the run, where it is missing
+    record = load_tune_record(run)
+    listing = list_data(record.data)
+    prepare_distill_dir(root, plan.name, resume=resume, overwrite=overwrite)
+    print(describe_plan(plan, request), flush=True)
+    embedded = connect(address)
+    demand = Demand("member worker", "worker", plan.worker, plan.workers)
+    with failing_fast([demand], embedded), ray_output(verbose):
+        splits = load_splits(
+            listing,
+            record.base.image_size,
+            skip_bad_images=record.skip_bad_images,
+            limit_per_class=record.limit_per_class,
+            experiment=root,
+        )
+        return run_distill(request, plan, splits)
+
+
 def predict(
     run: str | EnsembleResult,
     images: str | Sequence[str],
     *,
+    model: str = "ensemble",
     out: str | Path = "predictions.csv",
     cpus_per_actor: float | None = None,
     gpus_per_actor: float | None = None,
@@ -488,19 +555,19 @@ def predict(
     verbose: bool = False,
 ) -> PredictResult:
     """`ar-ray predict`: label images (files, folders or bucket prefixes) with the ensemble
-    saved in `run`, on the actors it was scored on unless told otherwise; rows stream to
-    `out` (CSV, or Parquet for a .parquet name) as batches finish. `verbose` adds Ray's own
-    output to the progress lines."""
+    saved in `run` (`model="distilled"`: its distilled student), on the actors it was
+    scored on unless told otherwise; rows stream to `out` (CSV, or Parquet for a .parquet
+    name) as batches finish. `verbose` adds Ray's own output to the progress lines."""
     from ar_ray.cluster import connect
     from ar_ray.feasibility import actor_demand, failing_fast
     from ar_ray.inference import InferenceOptions
     from ar_ray.labelling import check_locations, run_predict
     from ar_ray.ray_output import ray_output
-    from ar_ray.saved_ensemble import SavedEnsemble
+    from ar_ray.saved_ensemble import load_model
 
     run = run if isinstance(run, str) else run.run
     _positive(max_actors=max_actors, images_per_call=images_per_call)
-    saved = SavedEnsemble.load(run)
+    saved = load_model(run, model)
     recorded = InferenceOptions.from_record(saved.request)
     actor = resources(
         "inference actor", "actor", cpus_per_actor, gpus_per_actor, recorded.actor,

@@ -22,7 +22,7 @@ from ar_ray.cluster import assigned_loader_workers, placement_labels
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from ar_ray.recipe.engine import fit
+from ar_ray.recipe.engine import Objective, fit
 
 if TYPE_CHECKING:  # ray.tune.Checkpoint subclasses ray.train.Checkpoint
     from ray.train import Checkpoint
@@ -51,6 +51,7 @@ def checkpointed_fit(
     start_from: str | None = None,
     until_epoch: int | None = None,
     before_report: KeepState | None = None,
+    objective: Objective | None = None,
 ) -> None:
     """Fit `config`, continuing after the session's latest checkpoint if it has one (else
     after the checkpoint file at `start_from`, a path or URI: a staged search's stage-one
@@ -63,6 +64,7 @@ def checkpointed_fit(
     `before_report(metrics, state, weights)` runs there too, with the epoch's checkpoint file
     just written, but before the report: whatever it keeps (a snapshot member) is then
     never behind a reported checkpoint, so a retry that resumes after it cannot skip it.
+    `objective` replaces the recipe's loss (`engine.fit`), e.g. by distillation's.
     """
     state = None
     checkpoint = session.get_checkpoint()
@@ -95,4 +97,5 @@ def checkpointed_fit(
         epoch_labels=placement_labels(),
         loader_workers=assigned_loader_workers(),
         until_epoch=until_epoch,
+        objective=objective,
     )

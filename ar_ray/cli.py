@@ -130,10 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--overwrite", action="store_true", help="replace members and outputs")
     ensemble.set_defaults(handler=_ensemble)
 
+    distill = commands.add_parser(
+        "distill", help="train one fast student on a saved ensemble's answers"
+    )
+    distill.add_argument(
+        "--from", dest="run", required=True, help="<storage>/<name> of an ensemble"
+    )
+    distill.add_argument("--arch", help="the student's backbone (default: the best member's)")
+    distill.add_argument("--epochs", type=int, help="student epochs (default: the members')")
+    distill.add_argument("--temperature", type=float, help="distillation temperature T (default 4)")
+    distill.add_argument(
+        "--label-weight", type=float, help="weight of the recipe's label loss (default 0)"
+    )
+    distill.add_argument("--seed", type=int, help="the student's seed (default 0)")
+    _add_address_argument(distill)
+    distill.add_argument("--resume", action="store_true", help="continue the student's training")
+    distill.add_argument("--overwrite", action="store_true", help="replace <run>/distilled")
+    distill.set_defaults(handler=_distill)
+
     predict = commands.add_parser("predict", help="label images with a saved ensemble")
     predict.add_argument("--ensemble", required=True, help="<storage>/<name> of an ensemble")
     predict.add_argument(
         "--images", nargs="+", required=True, help="files, folders, s3:// or gs:// prefixes"
+    )
+    predict.add_argument(
+        "--model",
+        choices=("ensemble", "distilled"),
+        default="ensemble",
+        help="the ensemble (default) or its distilled student (`ar-ray distill`)",
     )
     predict.add_argument(
         "--out", type=Path, default=Path("predictions.csv"), help="CSV, or Parquet (.parquet)"
@@ -146,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="a saved ensemble as one ONNX file: uint8 images in, probabilities out"
     )
     export.add_argument("--from", dest="run", required=True, help="<storage>/<name> of an ensemble")
-    export.add_argument("--model", default="ensemble", help="what to export (default ensemble)")
+    export.add_argument(
+        "--model", default="ensemble", help="ensemble (default) or distilled: what to export"
+    )
     export.add_argument("--format", default="onnx", help="file format (default onnx)")
     export.add_argument("--out", help="the .onnx file (default <run>/export/<model>.onnx)")
     export.set_defaults(handler=_export)
@@ -233,6 +259,15 @@ def print_summary(summary: EnsembleResult) -> None:
     print(f"outputs: {summary.folder}")
     for line in summary.summary_lines():  # last: the test gain, the line a user looks for
         print(line)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    result = api.distill(args.run, **_options(args, api.distill))
+    print(result.metrics.to_string(index=False, float_format="%.4f"))
+    print(f"outputs: {result.folder}")
+    for line in result.summary:
+        print(line)
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ from ar_ray.recipe.augment import (
 )
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.recipe.models import ARNet
-from ar_ray.saved_ensemble import SavedEnsemble
+from ar_ray.saved_ensemble import SavedEnsemble, load_model
 
 OPSET = 18  # Resize/Pad as opset 18 defines them; onnxruntime >= 1.14 runs it
 TOLERANCE = 1e-4  # max abs difference in probability allowed between onnxruntime and PyTorch
@@ -52,8 +52,12 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 EXTRA_HINT = "pip install 'ar-ray[export]'"
 EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch.onnx's exporter
 FORMATS = ("onnx",)
-MODELS: dict[str, Callable[[str], SavedEnsemble]] = {"ensemble": SavedEnsemble.load}
-"""What `--model` names, each read as a `SavedEnsemble`; a distilled student joins here."""
+MODELS: dict[str, Callable[[str], SavedEnsemble]] = {
+    "ensemble": SavedEnsemble.load,
+    "distilled": lambda run: load_model(run, "distilled"),
+}
+"""What `--model` names, each read as a `SavedEnsemble`: the distilled student is one member
+of weight 1, so it takes the ensemble's path."""
 CROPPING_TTA = ("center", "tencrop")
 """TTA modes whose graph only slices the stored image. `none` (and records older than
 `stored_size`) resize uint8 images with torchvision's fixed-point kernel, which ONNX's Resize

@@ -262,10 +262,9 @@ def train_member(
 
     Rank 0 publishes each of `snapshots` (this member's) at its epoch, through storage, so
     to a bucket too: Train's own checkpoints of that epoch are gone by the end."""
-    worker = options.worker
-    trainer = TorchTrainer(
+    result = fit_on_train(
         train_loop,
-        train_loop_config={
+        {
             "config": spec.config.to_dict(),
             "splits": splits_ref,
             "member_id": spec.member_id,
@@ -274,6 +273,33 @@ def train_member(
                 (s.snapshot_epoch, s, member_dir(options.root, s.member_id)) for s in snapshots
             ],
         },
+        spec.member_id,
+        storage.join(options.root, MEMBERS_DIR),
+        options,
+        backend,
+    )
+    with result.checkpoint.as_directory() as local:
+        weights = Path(local) / CHECKPOINT_FILE
+        return publish_member(
+            weights, load_checkpoint(weights), spec, member_dir(options.root, spec.member_id)
+        )
+
+
+def fit_on_train(
+    train_loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    name: str,
+    storage_path: str,
+    options: TrainOptions,
+    backend: str = "gloo",
+) -> ray.train.Result:
+    """One `TorchTrainer` run named `name` under `storage_path`, with the options' workers,
+    retries and two kept checkpoints; a re-run of the same name resumes from its latest
+    checkpoint. Members and a distilled student train through this one place."""
+    worker = options.worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=options.workers_per_member,
@@ -281,18 +307,13 @@ def train_member(
             resources_per_worker={"CPU": worker.cpus, "GPU": worker.gpus},
         ),
         run_config=ray.train.RunConfig(
-            name=spec.member_id,
-            storage_path=storage.join(options.root, MEMBERS_DIR),
+            name=name,
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as local:
-        weights = Path(local) / CHECKPOINT_FILE
-        return publish_member(
-            weights, load_checkpoint(weights), spec, member_dir(options.root, spec.member_id)
-        )
+    return trainer.fit()
 
 
 def publish_member(

@@ -23,6 +23,7 @@ from ar_ray.recipe.checkpoint import load_checkpoint
 
 ENSEMBLE_DIR = "ensemble"
 ENSEMBLE_FILE = "ensemble.yaml"
+DISTILLED_DIR = "distilled"  # `ar-ray distill`'s student, saved as a one-member ensemble
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,16 @@ class SavedEnsemble:
         )
 
     @classmethod
-    def load(cls, run: str) -> SavedEnsemble:
-        """The ensemble saved in `run`; a missing or corrupted record is a one-line error
-        naming the file, and so is a local member checkpoint that cannot be read (here,
-        rather than later inside an inference actor)."""
+    def load(cls, run: str, folder: str = ENSEMBLE_DIR) -> SavedEnsemble:
+        """The ensemble saved in `run` (`folder`: `distilled` for the student); a missing
+        or corrupted record is a one-line error naming the file, and so is a local member
+        checkpoint that cannot be read (here, rather than later inside an inference actor)."""
         run = storage.resolve(run)
-        location = storage.join(run, ENSEMBLE_DIR, ENSEMBLE_FILE)
+        location = storage.join(run, folder, ENSEMBLE_FILE)
         if not storage.exists(location):
-            raise UserError(f"{location}: no saved ensemble; run `ar-ray ensemble` first")
+            what = "distilled model" if folder == DISTILLED_DIR else "ensemble"
+            command = "distill" if folder == DISTILLED_DIR else "ensemble"
+            raise UserError(f"{location}: no saved {what}; run `ar-ray {command}` first")
         try:
             saved = cls.from_record(yaml.safe_load(storage.read_text(location)), run)
         except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as error:
@@ -113,3 +116,12 @@ class SavedEnsemble:
             if not storage.is_uri(checkpoint):
                 load_checkpoint(Path(checkpoint))
         return saved
+
+
+def load_model(run: str, model: str = "ensemble") -> SavedEnsemble:
+    """What `--model` names in `run`: the ensemble, or the distilled student (one member,
+    weight 1), both read through the same record so predict and export need no other path."""
+    folders = {"ensemble": ENSEMBLE_DIR, "distilled": DISTILLED_DIR}
+    if model not in folders:
+        raise UserError(f"--model {model}: unknown; one of {', '.join(folders)}")
+    return SavedEnsemble.load(run, folders[model])

@@ -26,18 +26,18 @@ SCALED_DOWN = {  # the README's numbers -> seconds of work on 2 CPUs
 
 def test_import_is_cheap_and_every_public_name_resolves():
     """`import ar_ray` loads neither torch nor Ray; each name in `__all__` then loads, and
-    the five workflows stay functions even after their modules were imported."""
+    the six workflows stay functions even after their modules were imported."""
     probe = (
         "import sys, ar_ray\n"
         "print(sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))\n"
         "import ar_ray.search, ar_ray.ensembling, ar_ray.labelling, ar_ray.training\n"
-        "import ar_ray.exporting\n"
-        "names = ('tune', 'ensemble', 'predict', 'train', 'export')\n"
+        "import ar_ray.exporting, ar_ray.distilling\n"
+        "names = ('tune', 'ensemble', 'predict', 'train', 'export', 'distill')\n"
         "print([callable(getattr(ar_ray, n)) for n in names])"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["[]", "[True, True, True, True, True]"]
+    assert done.stdout.splitlines() == ["[]", "[True, True, True, True, True, True]"]
     assert set(dir(ar_ray)) == set(ar_ray.__all__)
     for name in ar_ray.__all__:
         assert getattr(ar_ray, name) is not None, name

@@ -182,8 +182,9 @@ def test_a_failed_check_leaves_nothing_behind(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("flags", "culprit"),
     [
-        (["--model", "distilled"], "--model distilled"),
+        (["--model", "student"], "--model student"),
         (["--format", "tflite"], "--format tflite"),
+        (["--model", "distilled"], "no saved distilled model; run `ar-ray distill` first"),
     ],
 )
 def test_an_unknown_model_or_format_is_one_line(tmp_path, flags, culprit):

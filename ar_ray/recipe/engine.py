@@ -42,6 +42,9 @@ from ar_ray.recipe.swa import WeightAverage
 from ar_ray.recipe.teacher import EmaTeacher, rampup, soft_pseudo_labels
 
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
+Objective = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(the student's input images, its fp32 logits, the recipe's loss) -> the loss to minimise:
+another training signal (distillation) without a second training loop."""
 EVAL_CROPS = 640  # crops per forward when evaluating: TenCrop batches 64 images
 PREFETCH_BATCHES = 4  # per loader worker: evens out the policy ops' uneven cost per batch
 
@@ -210,8 +213,10 @@ class _Run:
         device: torch.device,
         loader_workers: int,
         batch_augment: bool,
+        objective: Objective | None = None,
     ) -> None:
         self.config, self.splits, self.device = config, splits, device
+        self.objective = objective
         self.rank, self.world = _world()
         torch.manual_seed(config.seed)
         self.model = ARNet(config, splits.num_classes)
@@ -336,7 +341,7 @@ class _Run:
                 )
                 weight = config.mt_weight * rampup(progress, config.mt_rampup_epochs)
                 loss = loss + weight * soft_cross_entropy(logits, pseudo)
-        return loss
+        return loss if self.objective is None else self.objective(images, logits, loss)
 
     def _views(self, inputs: Tensor, step: int) -> Tensor:
         """[B, V, C, S, S] uint8: the loader's views, or the batch augmented on the device."""
@@ -384,6 +389,7 @@ def fit(
     loader_workers: int = 0,
     batch_augment: bool | None = None,
     until_epoch: int | None = None,
+    objective: Objective | None = None,
 ) -> FitResult:
     """Train `config` on `splits`, evaluating on val every epoch (centre crop).
 
@@ -397,10 +403,11 @@ def fit(
     early on the full run's schedule (a staged search's stage-one trial stops where Mean
     Teacher would start): resuming its state with `config` gives the full run bit for bit.
     With `swa_epochs`, the last epoch evaluates and returns SWA's average (`_Run.end_epoch`).
+    `objective` turns each step's loss into another (`Objective`), e.g. distillation's.
     """
     device = device or default_device()
     on_device = device.type == "cuda" if batch_augment is None else batch_augment
-    run = _Run(config, splits, device, loader_workers, on_device)
+    run = _Run(config, splits, device, loader_workers, on_device, objective)
     if resume_from is not None:
         run.restore(resume_from)
     last = config.epochs if until_epoch is None else min(until_epoch, config.epochs)

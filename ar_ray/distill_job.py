@@ -1,0 +1,120 @@
+"""The distilled student's Ray Train job: the member loop, with the ensemble as teacher.
+
+It is a member's `TorchTrainer` run (`members.fit_on_train`, `checkpointed_fit`: a
+checkpoint every epoch, retries, resume by name), whose engine loss is replaced by the
+distillation objective. Each worker loads the teacher once, on its own device.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+
+from ar_ray import storage
+from ar_ray.checkpointed_fit import RaySession, checkpointed_fit
+from ar_ray.config import RecipeConfig
+from ar_ray.data import DatasetSplits
+from ar_ray.members import TrainOptions, ddp_backend, fit_on_train, worker_device
+from ar_ray.progress import MemberProgress, ProgressHandle, quiet_train_reports
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, inference_model, load_checkpoint
+from ar_ray.recipe.distillation import EnsembleTeacher, distillation_objective
+from ar_ray.recipe.models import place_model
+from ar_ray.saved_ensemble import SavedEnsemble
+
+TRAIN_DIR = "train"  # Train's own run folder, under the distilled folder
+
+
+def load_teacher(saved: SavedEnsemble, device: torch.device) -> EnsembleTeacher:
+    """The saved ensemble's members (as `predict` serves them), weights and temperature,
+    frozen on `device`."""
+    members = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index, location in enumerate(saved.locations()):
+            local = storage.download_file(location, Path(folder) / f"{index}.pt")
+            members.append(inference_model(load_checkpoint(local), source=location))
+    teacher = EnsembleTeacher(members, saved.weights, saved.temperature)
+    for member in teacher.members:
+        place_model(member, device)
+    return teacher.to(device).eval()
+
+
+def distill_train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Train worker, as `members.member_train_loop` does, with the teacher
+    loaded once here (not per step, not per epoch)."""
+    quiet_train_reports()
+    config = RecipeConfig.from_dict(loop_config["config"])
+    splits = ray.get(loop_config["splits"])
+    progress: ProgressHandle | None = loop_config.get("progress")
+    show_progress = progress.reporter(loop_config["name"], config.epochs) if progress else None
+    device = worker_device()
+    saved = SavedEnsemble.from_record(loop_config["teacher"], loop_config["run"])
+    objective = distillation_objective(
+        load_teacher(saved, device), loop_config["temperature"], loop_config["label_weight"]
+    )
+    session = RaySession(
+        ray.train.get_checkpoint,
+        ray.train.report,
+        ray.train.Checkpoint,
+        uploads_weights=ray.train.get_context().get_world_rank() == 0,
+    )
+    checkpointed_fit(
+        config, splits, session, device, after_epoch=show_progress, objective=objective
+    )
+
+
+def train_student(
+    name: str,
+    config: RecipeConfig,
+    saved: SavedEnsemble,
+    splits: DatasetSplits,
+    options: TrainOptions,
+    *,
+    temperature: float,
+    label_weight: float,
+    folder: str,
+) -> Path:
+    """Train (or resume, by `name`) the student under `folder/train`; return a local copy
+    of its final checkpoint (the caller publishes it). Only the train split is shipped:
+    val and test stay held out (val is scored each epoch, never trained on).
+
+    The fit runs in a thread and the main thread waits in short steps, so Ctrl+C (or
+    SIGTERM) reaches it: the epochs done are in Train's checkpoints, for `--resume`."""
+    loop_config = {
+        "config": config.to_dict(),
+        "splits": ray.put(splits.for_training()),
+        "name": name,
+        "teacher": saved.to_record(),
+        "run": saved.run,
+        "temperature": temperature,
+        "label_weight": label_weight,
+    }
+    backend = ddp_backend(options.worker)
+    progress = MemberProgress().start()
+    loop_config["progress"] = progress.handle
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(
+        fit_on_train,
+        distill_train_loop,
+        loop_config,
+        name,
+        storage.join(folder, TRAIN_DIR),
+        options,
+        backend,
+    )
+    try:
+        while not wait([future], timeout=1.0).done:
+            pass
+        result = future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        progress.close()
+    local = Path(tempfile.mkdtemp(prefix="ar-ray-student-")) / CHECKPOINT_FILE
+    with result.checkpoint.as_directory() as trained:
+        local.write_bytes((Path(trained) / CHECKPOINT_FILE).read_bytes())
+    return local
