@@ -17,11 +17,10 @@ import ray.train
 import torch
 
 from ar_ray import storage
-from ar_ray.checkpointed_fit import RaySession, checkpointed_fit
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
-from ar_ray.members import TrainOptions, ddp_backend, fit_on_train, worker_device
-from ar_ray.progress import MemberProgress, ProgressHandle, quiet_train_reports
+from ar_ray.members import TrainOptions, ddp_backend, fit_on_train, worker_device, worker_fit
+from ar_ray.progress import MemberProgress
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, inference_model, load_checkpoint
 from ar_ray.recipe.distillation import EnsembleTeacher, distillation_objective
 from ar_ray.recipe.models import place_model
@@ -45,27 +44,14 @@ def load_teacher(saved: SavedEnsemble, device: torch.device) -> EnsembleTeacher:
 
 
 def distill_train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on every Train worker, as `members.member_train_loop` does, with the teacher
-    loaded once here (not per step, not per epoch)."""
-    quiet_train_reports()
-    config = RecipeConfig.from_dict(loop_config["config"])
-    splits = ray.get(loop_config["splits"])
-    progress: ProgressHandle | None = loop_config.get("progress")
-    show_progress = progress.reporter(loop_config["name"], config.epochs) if progress else None
-    device = worker_device()
+    """Runs on every Train worker: a member's fit (`members.worker_fit`) whose loss is the
+    distillation objective, with the teacher loaded once here (not per step or epoch)."""
     saved = SavedEnsemble.from_record(loop_config["teacher"], loop_config["run"])
+    teacher = load_teacher(saved, worker_device())
     objective = distillation_objective(
-        load_teacher(saved, device), loop_config["temperature"], loop_config["label_weight"]
+        teacher, loop_config["temperature"], loop_config["label_weight"]
     )
-    session = RaySession(
-        ray.train.get_checkpoint,
-        ray.train.report,
-        ray.train.Checkpoint,
-        uploads_weights=ray.train.get_context().get_world_rank() == 0,
-    )
-    checkpointed_fit(
-        config, splits, session, device, after_epoch=show_progress, objective=objective
-    )
+    worker_fit(loop_config, loop_config["name"], objective=objective)
 
 
 def train_student(

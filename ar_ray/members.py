@@ -193,11 +193,19 @@ def _snapshot_keeper(snapshots: Sequence[tuple[int, MemberSpec, str]]) -> KeepSt
 
 def member_train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Train worker: the engine joins DDP because Train set up the process group."""
+    snapshots = _snapshot_keeper(loop_config.get("snapshots", ()))
+    worker_fit(loop_config, loop_config["member_id"], before_report=snapshots)
+
+
+def worker_fit(loop_config: dict[str, Any], name: str, **fit_options: Any) -> None:
+    """What every ar-ray Train worker runs (a member's, a distilled student's): the shared
+    splits, the progress line named `name`, and `checkpointed_fit` on Train's checkpoints,
+    with `fit_options` (a snapshot keeper, a distillation objective) passed on."""
     quiet_train_reports()
     config = RecipeConfig.from_dict(loop_config["config"])
     splits = ray.get(loop_config["splits"])
     progress: ProgressHandle | None = loop_config.get("progress")  # None: called directly
-    show_progress = progress.reporter(loop_config["member_id"], config.epochs) if progress else None
+    show_progress = progress.reporter(name, config.epochs) if progress else None
     session = RaySession(
         ray.train.get_checkpoint,
         ray.train.report,
@@ -205,12 +213,7 @@ def member_train_loop(loop_config: dict[str, Any]) -> None:
         uploads_weights=ray.train.get_context().get_world_rank() == 0,
     )
     checkpointed_fit(
-        config,
-        splits,
-        session,
-        worker_device(),
-        after_epoch=show_progress,
-        before_report=_snapshot_keeper(loop_config.get("snapshots", ())),
+        config, splits, session, worker_device(), after_epoch=show_progress, **fit_options
     )
 
 

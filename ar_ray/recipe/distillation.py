@@ -8,7 +8,7 @@ engine only calls the objective `distillation_objective` returns (`engine.Object
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ar_ray.metrics import PROB_FLOOR
 from ar_ray.recipe.augment import device_autocast
+from ar_ray.recipe.engine import Objective
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -56,9 +57,6 @@ class EnsembleTeacher(nn.Module):
             probs = [torch.softmax(member(images).float(), dim=1) for member in self.members]
         mixed = torch.tensordot(self.weights.float(), torch.stack(probs), dims=1)
         return torch.log(mixed.clamp_min(PROB_FLOOR)) / self.temperature
-
-
-Objective = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def distillation_objective(
