@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # the Ray-heavy modules load only inside the workflows that n
     from ar_ray.ensembling import EnsembleResult
     from ar_ray.exporting import ExportResult
     from ar_ray.labelling import PredictResult
+    from ar_ray.leaderboard import TuneRecord
     from ar_ray.training import TrainResult
 
 Request = TypeVar("Request")
@@ -179,6 +180,18 @@ def load_splits(
     for path in splits.skipped:
         print(f"skipped unreadable image: {path}", file=sys.stderr, flush=True)
     return splits.limit_per_class(limit_per_class)
+
+
+def tuned_splits(record: TuneRecord, listing: FolderListing | None, root: str) -> DatasetSplits:
+    """The splits the tune run in `root` searched on, read as it read them (image size, bad
+    images, per-class limit): what its ensemble and distilled student train and score on."""
+    return load_splits(
+        listing,
+        record.base.image_size,
+        skip_bad_images=record.skip_bad_images,
+        limit_per_class=record.limit_per_class,
+        experiment=root,
+    )
 
 
 def train(
@@ -466,13 +479,7 @@ def ensemble(
     options = request.train_options(root)
     demands = ensemble_demands(options, request.inference_options())
     with failing_fast(demands, embedded), ray_output(verbose):
-        splits = load_splits(
-            listing,
-            record.base.image_size,
-            skip_bad_images=record.skip_bad_images,
-            limit_per_class=record.limit_per_class,
-            experiment=root,
-        )
+        splits = tuned_splits(record, listing, root)
         return run_ensemble(request, record, splits, options)
 
 
@@ -531,13 +538,7 @@ def distill(
     embedded = connect(address)
     demand = Demand("member worker", "worker", plan.worker, plan.workers)
     with failing_fast([demand], embedded), ray_output(verbose):
-        splits = load_splits(
-            listing,
-            record.base.image_size,
-            skip_bad_images=record.skip_bad_images,
-            limit_per_class=record.limit_per_class,
-            experiment=root,
-        )
+        splits = tuned_splits(record, listing, root)
         return run_distill(request, plan, splits)
 
 
