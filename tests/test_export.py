@@ -28,6 +28,9 @@ from tests.helpers import assert_user_error, run_cli
 
 pytest.importorskip("onnxruntime", reason="the export extra: pip install 'ar-ray[export]'")
 
+# each export traces whole members through torch.onnx's exporter: seconds apiece
+pytestmark = pytest.mark.slow
+
 CLASSES = ["boot", "cat", "dog", "shirt"]
 IMAGE_SIZE, STORED = 28, 32
 
