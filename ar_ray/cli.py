@@ -18,6 +18,8 @@ from ar_ray.errors import Interrupted, UserError
 from ar_ray.interrupts import treat_sigterm_as_interrupt
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only for the commands that need them
+    import pandas as pd
+
     from ar_ray.ensembling import EnsembleResult
 
 EXIT_USER_ERROR = 2
@@ -255,18 +257,21 @@ def print_summary(summary: EnsembleResult) -> None:
     """Every score and where they are, then the lines users look for: the ensemble against
     the member that is best on val (the one a user without the ensemble would have kept;
     the best on test would be an oracle) on every scored split, with the gain's interval."""
-    print(summary.metrics.to_string(index=False, float_format="%.4f"))
-    print(f"outputs: {summary.folder}")
-    for line in summary.summary_lines():  # last: the test gain, the line a user looks for
+    _print_scores(summary.metrics, summary.folder, summary.summary_lines())
+
+
+def _print_scores(metrics: pd.DataFrame, folder: str, closing: list[str]) -> None:
+    """The scores, where they were written, then the closing lines: last, the test gain,
+    the line a user looks for."""
+    print(metrics.to_string(index=False, float_format="%.4f"))
+    print(f"outputs: {folder}")
+    for line in closing:
         print(line)
 
 
 def _distill(args: argparse.Namespace) -> int:
     result = api.distill(args.run, **_options(args, api.distill))
-    print(result.metrics.to_string(index=False, float_format="%.4f"))
-    print(f"outputs: {result.folder}")
-    for line in result.summary:
-        print(line)
+    _print_scores(result.metrics, result.folder, result.summary)
     return 0
 
 
