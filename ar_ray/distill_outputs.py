@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from ar_ray import storage
 from ar_ray.cluster import assigned_device
 from ar_ray.data import ImageSplit
-from ar_ray.ensemble_weights import best_member
+from ar_ray.ensemble_weights import best_member, log_combine
 from ar_ray.ensembling import GAIN_COLUMNS, estimate
-from ar_ray.metrics import PROB_FLOOR, classification_metrics, top_k_correct
+from ar_ray.metrics import classification_metrics, top_k_correct
 from ar_ray.outputs import atomic_save, atomic_write_csv, atomic_write_text
 from ar_ray.recipe.augment import CROPS_PER_IMAGE, predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -60,8 +60,7 @@ def _combined(members: Sequence[nn.Module], saved: SavedEnsemble) -> Predict:
         probs = torch.stack(
             [predict_probabilities(m, images, saved.image_size, saved.tta) for m in members]
         )
-        mixed = torch.tensordot(weights, probs.double().cpu(), dims=1)
-        return torch.softmax(torch.log(mixed.clamp_min(PROB_FLOOR)) / saved.temperature, dim=1)
+        return log_combine(probs.double().cpu(), weights, saved.temperature).exp()
 
     return predict
 

@@ -98,10 +98,12 @@ def _check_members(member_probs: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     return member_probs, check_probs(member_probs[0], labels)[1]
 
 
-def _log_combine(
-    member_probs: torch.Tensor, weights: torch.Tensor, temperature: torch.Tensor
+def log_combine(
+    member_probs: torch.Tensor, weights: torch.Tensor, temperature: torch.Tensor | float
 ) -> torch.Tensor:
-    """Shared by `combine` and the NLL fit, so weights are fitted exactly as they are used."""
+    """[M, N, K] member probabilities -> [N, K] log-probabilities of the ensemble. The one
+    formula: `combine` and the NLL fit use it (weights are fitted exactly as they are used),
+    and so do the distillation teacher, the student's timing and the exported graph."""
     mixed = torch.tensordot(weights, member_probs, dims=1)
     return torch.log_softmax(torch.log(mixed.clamp_min(PROB_FLOOR)) / temperature, dim=-1)
 
@@ -116,7 +118,7 @@ def combine(member_probs: np.ndarray, fitted: FittedWeights) -> np.ndarray:
             f"({fitted.method} weights); got {list(member_probs.shape)}"
         )
     with torch.no_grad():
-        log_probs = _log_combine(
+        log_probs = log_combine(
             torch.from_numpy(member_probs),
             torch.from_numpy(fitted.weights.copy()),  # torch wants a writable array
             torch.tensor(fitted.temperature, dtype=torch.float64),
@@ -169,7 +171,7 @@ def nll_optimal(member_probs: np.ndarray, labels: np.ndarray, steps: int = 200) 
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        log_probs = _log_combine(probs_t, theta.softmax(0), tau.clamp(low, high).exp())
+        log_probs = log_combine(probs_t, theta.softmax(0), tau.clamp(low, high).exp())
         loss = F.nll_loss(log_probs, labels_t)
         loss.backward()
         return loss

@@ -30,9 +30,8 @@ from torch import Tensor, nn
 
 from ar_ray import storage
 from ar_ray.data.size import stored_size
-from ar_ray.ensemble_weights import combine
+from ar_ray.ensemble_weights import combine, log_combine
 from ar_ray.errors import UserError
-from ar_ray.metrics import PROB_FLOOR
 from ar_ray.outputs import atomic_save, atomic_write_text
 from ar_ray.recipe.augment import (
     CROPS_PER_IMAGE,
@@ -114,8 +113,7 @@ class ExportedEnsemble(nn.Module):
         for member in self.members:
             probs = torch.softmax(member(crops), dim=1)
             member_probs.append(probs.view(views, -1, probs.shape[1]).mean(dim=0))
-        mixed = torch.tensordot(self.weights, torch.stack(member_probs), dims=1)
-        return torch.softmax(torch.log(mixed.clamp_min(PROB_FLOOR)) / self.temperature, dim=-1)
+        return log_combine(torch.stack(member_probs), self.weights, self.temperature).exp()
 
 
 def require_export_packages() -> None:

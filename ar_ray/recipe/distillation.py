@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ar_ray.metrics import PROB_FLOOR
+from ar_ray.ensemble_weights import log_combine
 from ar_ray.recipe.augment import device_autocast
 from ar_ray.recipe.engine import Objective
 
@@ -35,9 +35,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 class EnsembleTeacher(nn.Module):
     """A saved ensemble as one frozen model: float [0, 1] images -> the ensemble's logits.
 
-    Its "logits" are the log of what `ensemble_weights.combine` answers (weighted mean of the
-    members' probabilities, floored, divided by the ensemble's temperature), so softmax of
-    them is the ensemble's prediction for that crop.
+    Its "logits" are the ensemble's log-probabilities, from the formula `combine` uses
+    (`ensemble_weights.log_combine`), so softmax of them is the ensemble's prediction for
+    that crop.
     """
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], temperature: float):
@@ -55,8 +55,7 @@ class EnsembleTeacher(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         with device_autocast(images.device):
             probs = [torch.softmax(member(images).float(), dim=1) for member in self.members]
-        mixed = torch.tensordot(self.weights.float(), torch.stack(probs), dims=1)
-        return torch.log(mixed.clamp_min(PROB_FLOOR)) / self.temperature
+        return log_combine(torch.stack(probs), self.weights.float(), self.temperature)
 
 
 def distillation_objective(
