@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def treat_sigterm_as_interrupt() -> None:
@@ -19,3 +22,22 @@ def _forward_to_sigint_handler(signum: int, frame: object) -> None:
         handler(signal.SIGINT, frame)
     else:
         raise KeyboardInterrupt
+
+
+@contextmanager
+def sigint_handler_restored() -> Iterator[None]:
+    """Put back the SIGINT handler that was there before the body.
+
+    `Tuner.fit` installs Tune's graceful-stop handler and leaves it installed when the
+    experiment ends. After it, Ctrl+C (or the infeasible watch's interrupt) would only ask
+    that finished experiment to stop, instead of raising KeyboardInterrupt in whatever runs
+    next in the process: a later phase's wait, an ensemble, a notebook cell.
+    """
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        # None: set outside Python, nothing to put back; off the main thread Tune installs
+        # nothing and signal.signal would raise
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)

@@ -24,6 +24,7 @@ from ar_ray.cluster import assigned_device
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import Interrupted, UserError
+from ar_ray.interrupts import sigint_handler_restored
 from ar_ray.leaderboard import STAGE_TWO, PhaseRecord, trial_rows
 from ar_ray.optuna_search import EarlyStopAwareOptunaSearch, optuna_states
 from ar_ray.progress import format_duration
@@ -188,7 +189,8 @@ def fit_phase(
         tuner = tune.Tuner.restore(phase.folder, trainable=trainable, resume_errored=True)
     else:
         tuner = _build_tuner(request, phase, splits, verbose, hours_line, budget)
-    grid = tuner.fit()
+    with sigint_handler_restored():
+        grid = tuner.fit()
     ran = trials_that_ran(grid)
     if storage.exists(budget_marker(request)):
         if not ran and phase.record.phase != STAGE_TWO:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,10 @@ def test_the_readme_example_runs_and_returns_what_it_says(ray_cluster, tmp_path,
         write_image(tmp_path / "photos" / f"{index}.png", (32, 32), seed=index)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
+    sigint_before = signal.getsignal(signal.SIGINT)
     exec(compile(code, "README.md", "exec"), scope)
+    # Tune's handler does not outlive the search: Ctrl+C interrupts what runs next
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
     searched, ensembled, labelled = scope["searched"], scope["ensembled"], scope["labelled"]
     board = searched.leaderboard
