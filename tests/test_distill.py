@@ -206,6 +206,40 @@ def test_export_model_distilled_checks_out_with_onnxruntime(distilled, ensembled
     assert sidecar["check"]["max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.ray
+def test_without_a_label_term_the_student_learns_from_the_teacher_only(ensembled, tmp_path):
+    """`distill_train_loop` trains on the distillation objective: with label weight 0 the
+    train labels never reach a gradient, so permuting them changes no weight (every random
+    draw is seeded, so two runs are bit-identical); the recipe's loss would change them."""
+    from dataclasses import replace
+
+    from ar_ray.data import load_dataset
+    from ar_ray.distill_job import train_student
+    from ar_ray.distilling import DistillRequest, plan_distill
+
+    splits = load_dataset(None, 28).limit_per_class(10)
+    shuffled = replace(splits, train=replace(splits.train, labels=np.roll(splits.train.labels, 7)))
+    assert (shuffled.train.labels != splits.train.labels).mean() > 0.8
+    plan = plan_distill(DistillRequest(run=str(ensembled), epochs=1, label_weight=0.0))
+    states = []
+    for name, data in (("labels", splits), ("shuffled", shuffled)):
+        local = train_student(
+            plan.name,
+            plan.config,
+            plan.saved,
+            data,
+            TrainOptions(str(tmp_path / name)),
+            temperature=4.0,
+            label_weight=0.0,
+            folder=str(tmp_path / name),
+        )
+        states.append(load_checkpoint(local))
+    first, second = (state["model"] for state in states)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert states[0]["history"][0]["train_loss"] == states[1]["history"][0]["train_loss"]
+
+
 def case_no_ensemble(tmp_path, run):
     return ["--from", str(tmp_path)], "no saved ensemble"
 
