@@ -27,8 +27,8 @@ from ar_ray import storage
 from ar_ray.cluster import assigned_device
 from ar_ray.data import ImageSplit
 from ar_ray.ensemble_weights import best_member, log_combine
-from ar_ray.ensembling import GAIN_COLUMNS, estimate
-from ar_ray.metrics import classification_metrics, top_k_correct
+from ar_ray.ensembling import metric_row
+from ar_ray.metrics import top_k_correct
 from ar_ray.outputs import atomic_save, atomic_write_csv, atomic_write_text
 from ar_ray.recipe.augment import CROPS_PER_IMAGE, predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -37,7 +37,6 @@ from ar_ray.recipe.models import place_model
 from ar_ray.report import REPORT_FILE, markdown_table
 from ar_ray.resources import Resources
 from ar_ray.saved_ensemble import ENSEMBLE_DIR, SavedEnsemble
-from ar_ray.uncertainty import paired_gain
 
 TIMED_IMAGES = 256  # images each model answers for images/s, after one warm-up chunk
 STUDENT = "distilled"
@@ -176,17 +175,8 @@ def metrics_frame(run: str, best: str, student: dict[str, np.ndarray | None]) ->
             continue
         labels = saved["labels"]
         baseline = top_k_correct(saved["member_probs"][index], labels, 1)
-        gain = paired_gain(top_k_correct(probs, labels, 1), baseline)
-        rows.append(
-            {
-                "name": STUDENT,
-                "kind": "distilled",
-                "split": split,
-                "estimate": estimate(split, "member"),  # fitted nothing on val
-                **classification_metrics(probs, labels),
-                **dict(zip(GAIN_COLUMNS, (gain.points, gain.low, gain.high), strict=True)),
-            }
-        )
+        # estimated as a member: it fitted nothing on val
+        rows.append(metric_row(STUDENT, "distilled", split, probs, labels, baseline, "member"))
         pick = theirs[(theirs["split"] == split) & theirs["name"].isin(["final", best])]
         rows += pick.replace({"name": {"final": "ensemble"}}).to_dict("records")
     return pd.DataFrame(rows)[list(theirs.columns)]

@@ -150,20 +150,33 @@ def _metric_rows(scored: _Scored, names: list[str], best: int) -> list[dict[str,
     rated = [("member", name, probs) for name, probs in members]
     rated += [("ensemble", name, probs) for name, probs in scored.ensembles.items()]
     baseline = top_k_correct(scored.member_probs[best], scored.labels, 1)
-    rows = []
-    for kind, name, probs in rated:
-        gain = paired_gain(top_k_correct(probs, scored.labels, 1), baseline)
-        rows.append(
-            {
-                "name": name,
-                "kind": kind,
-                "split": scored.split,
-                "estimate": estimate(scored.split, kind),
-                **classification_metrics(probs, scored.labels),
-                **dict(zip(GAIN_COLUMNS, (gain.points, gain.low, gain.high), strict=True)),
-            }
-        )
-    return rows
+    return [
+        metric_row(name, kind, scored.split, probs, scored.labels, baseline)
+        for kind, name, probs in rated
+    ]
+
+
+def metric_row(
+    name: str,
+    kind: str,
+    split: str,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    baseline: np.ndarray,
+    estimated_as: str | None = None,
+) -> dict[str, Any]:
+    """One metrics.csv row: `probs`' scores, how far they can be trusted (`estimate` of
+    `estimated_as`, default `kind`), and the paired gain over `baseline` (the best member's
+    per-image top-1 correctness) with its interval. `ensemble` and `distill` both write it."""
+    gain = paired_gain(top_k_correct(probs, labels, 1), baseline)
+    return {
+        "name": name,
+        "kind": kind,
+        "split": split,
+        "estimate": estimate(split, estimated_as or kind),
+        **classification_metrics(probs, labels),
+        **dict(zip(GAIN_COLUMNS, (gain.points, gain.low, gain.high), strict=True)),
+    }
 
 
 def _refitted_ensembles(member_probs: np.ndarray, fit: CrossFit) -> dict[str, np.ndarray]:
