@@ -2,7 +2,7 @@
 
 import pytest
 
-from ar_ray.config import ConfigError, RecipeConfig, load_config, save_config
+from ar_ray.config import ConfigError, RecipeConfig, cycle_ends, load_config, save_config
 from ar_ray.search_space import Domain, SearchSpace, load_search_space, parse_search_space
 
 
@@ -159,6 +159,8 @@ ACCEPTED_EDGES = [
     {"mt_decay": 1 - 1e-9, "mt_mix": 1.0, "magnitude": 30, "erasing_p": 1.0, "mix_prob": 1.0},
     {"momentum": 1 - 1e-9, "optimizer": "sgd", "tta": "tencrop", "cr_variant": "supcon"},
     {"policy": "autoaugment", "arch": "resnet50"},
+    {"epochs": 4, "lr_cycles": 4, "warmup_epochs": 0.9, "swa_epochs": 3},
+    {"epochs": 8, "lr_cycles": 2, "warmup_epochs": 3.9, "swa_epochs": 0},
 ]
 
 
@@ -212,6 +214,14 @@ def test_values_on_the_edge_of_every_range_are_accepted(values):
         ({"optimizer": "x"}, "optimizer='x' must be one of ('sgd', 'adamw')"),
         ({"tta": "x"}, "tta='x' must be one of ('none', 'center', 'tencrop')"),
         ({"arch": "x"}, "arch='x' is not a torchvision classifier"),
+        ({"epochs": 4, "lr_cycles": 0}, "lr_cycles=0 must be in [1, epochs]"),
+        ({"epochs": 4, "lr_cycles": 5}, "lr_cycles=5 must be in [1, epochs]"),
+        ({"epochs": 4, "swa_epochs": 4}, "swa_epochs=4 must be in [0, epochs)"),
+        ({"epochs": 4, "swa_epochs": -1}, "swa_epochs=-1 must be in [0, epochs)"),
+        (
+            {"epochs": 8, "lr_cycles": 2, "warmup_epochs": 4.0},
+            "warmup_epochs=4.0 must be shorter than the first of lr_cycles=2 cycles (4 epochs)",
+        ),
     ],
 )
 def test_each_range_rejects_the_value_just_outside_it(values, message):
@@ -262,3 +272,11 @@ def test_replace_changes_only_the_named_keys():
     config = RecipeConfig(seed=7).replace(lr=0.5, policy="autoaugment")
     assert (config.lr, config.policy, config.seed) == (0.5, "autoaugment", 7)
     assert config.epochs == RecipeConfig().epochs
+
+
+def test_cycles_end_on_whole_epochs_the_last_at_the_final_epoch():
+    """floor(k * epochs / cycles), worked out by hand: 10 epochs in 3 cycles end at 3, 6, 10."""
+    assert cycle_ends(10, 3) == [3, 6, 10]
+    assert cycle_ends(8, 4) == [2, 4, 6, 8]
+    assert cycle_ends(5, 1) == [5]
+    assert all(type(end) is int for end in cycle_ends(10, 3))

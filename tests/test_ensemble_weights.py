@@ -185,6 +185,38 @@ def test_final_is_the_method_each_fold_chose_and_the_refit_uses_all_of_val(overf
         np.testing.assert_allclose(fit.fitted[method].weights, weights.weights, atol=1e-9)
 
 
+def confidently_wrong(seed: int) -> np.ndarray:
+    """Right on 30% of rows (seeded), and sure of the next class on the rest."""
+    right = np.random.default_rng(seed).permutation(N) < 0.3 * N
+    probs = np.empty((N, K))
+    put(probs, right, 0.5, 0.2)
+    put(probs, ~right, 0.02, 0.9)
+    return probs
+
+
+# Two members agreeing on the wrong class drag the uniform mean down: greedy wins every fold.
+DRAGGED = np.stack([STRONG, confidently_wrong(5), confidently_wrong(6)])
+
+
+@pytest.mark.parametrize("members", [OVERFITTING, DRAGGED], ids=["uniform", "greedy"])
+def test_each_folds_method_is_chosen_on_the_other_folds_alone(members):
+    """Fold k's choice applies the rule to folds != k, each of them scored with weights
+    fitted on the remaining three (worked out here fold by fold): fold k's own images and
+    labels play no part in choosing how fold k is combined."""
+    fit = cross_fit(members, LABELS, FOLD_OF)
+    for k, chosen in enumerate(fit.fold_choices):
+        others = ~in_fold(k)
+        scored: dict[str, np.ndarray] = {}
+        for j in sorted(set(range(5)) - {k}):
+            fitted_on = ~np.isin(FOLD_OF, [k, j])
+            for method, weights in fit_all(members[:, fitted_on], LABELS[fitted_on]).items():
+                rows = scored.setdefault(method, np.zeros((N, K)))
+                rows[in_fold(j)] = combine(members[:, in_fold(j)], weights)
+        inner = {method: probs[others] for method, probs in scored.items()}
+        assert chosen == choose_method(inner, LABELS[others]).method
+    assert set(fit.fold_choices) == ({"uniform"} if members is OVERFITTING else {"greedy"})
+
+
 def first(count: int) -> np.ndarray:
     """A member right on the first `count` images."""
     return member(np.arange(N) < count)
