@@ -157,13 +157,17 @@ def stack(runs: list[Run], extra_epochs: int) -> Members:
 
 
 def best_trials(settings: Settings, seed: int, splits, k: int) -> Members:
-    """The k best of the drawn trials by val top-1 (a search's leaderboard order)."""
+    """The k best of the drawn trials on val, ranked as `best_member` ranks (top-1, then
+    NLL), so the one-trial "ensemble" is the member every larger K compares with."""
     runs = [
         train(f"trial{i}", c, settings, seed, splits)
         for i, c in enumerate(trial_configs(settings, seed))
     ]
-    top1 = [top_k_correct(r.val[0], splits.val.labels, 1).mean() for r in runs]
-    order = sorted(range(len(runs)), key=lambda i: (-top1[i], i))[:k]
+    left, order = list(range(len(runs))), []
+    while len(order) < k:
+        pick = left[best_member(np.stack([runs[i].val[0] for i in left]), splits.val.labels)]
+        order.append(pick)
+        left.remove(pick)
     return stack([runs[i] for i in order], 0)
 
 
