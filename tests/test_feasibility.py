@@ -5,6 +5,7 @@ is queued. On a cluster ar-ray joined, the autoscaler's report that no node type
 request stops the command; `tests/test_autoscaling.py` shows demand it can meet still waits.
 """
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,9 @@ def test_an_infeasible_report_stops_the_waiting_main_thread(ray_cluster):
     """The session Ray runs Ray's own monitor; nothing there has 3 CPUs."""
     too_big = Demand("trial", "trial", Resources(3, 0))
     ref = ray.remote(num_cpus=3)(lambda: None).remote()
+    # the handler the CLI starts with (a finished Tune or Train fit() in this pytest process
+    # could have left its own, which would swallow the interrupt)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with (
             pytest.raises(UserError, match=r"^--cpus-per-trial 3 / --gpus-per-trial 0: Ray "),
@@ -76,6 +80,7 @@ def test_an_infeasible_report_stops_the_waiting_main_thread(ray_cluster):
         ):
             ray.get(ref, timeout=300)  # would wait forever; the timeout is a hang guard only
     finally:
+        signal.signal(signal.SIGINT, before)
         ray.cancel(ref)
 
 

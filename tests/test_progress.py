@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from ar_ray.interrupts import sigint_handler_restored
 from ar_ray.progress import (
     EpochUpdate,
     InferenceProgress,
@@ -198,7 +199,8 @@ def test_member_epochs_reach_the_driver_from_a_train_worker(ray_cluster, tmp_pat
             ray.train.report(metrics)
 
     stream = io.StringIO()
-    with MemberProgress(stream) as progress:
+    # fit() on the main thread installs Train's SIGINT handler and never removes it
+    with MemberProgress(stream) as progress, sigint_handler_restored():
         TorchTrainer(
             loop,
             train_loop_config={"progress": progress.handle, "member_id": "m1-tiny"},
@@ -231,11 +233,12 @@ def _train_output(tmp_path, capfd, name: str, quiet: bool) -> str:
         # which may reach the driver before stderr does.
         logging.getLogger("progress-test").warning(marker)
 
-    TorchTrainer(
-        loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=1),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(tmp_path)),
-    ).fit()
+    with sigint_handler_restored():  # as above: Train's handler must not outlive fit()
+        TorchTrainer(
+            loop,
+            scaling_config=ray.train.ScalingConfig(num_workers=1),
+            run_config=ray.train.RunConfig(name=name, storage_path=str(tmp_path)),
+        ).fit()
     output = ""
     deadline = time.monotonic() + 60  # worker lines reach the driver asynchronously
     while marker not in output and time.monotonic() < deadline:
