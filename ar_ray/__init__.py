@@ -2,9 +2,9 @@
 
     import ar_ray
 
-    searched = ar_ray.search("search_spaces/quick.yaml", trials=6)
-    ensembled = ar_ray.ensembling(searched, members=2)
-    labelled = ar_ray.labelling(ensembled, "photos/")
+    searched = ar_ray.tune("search_spaces/quick.yaml", trials=6)
+    ensembled = ar_ray.ensemble(searched, members=2)
+    labelled = ar_ray.predict(ensembled, "photos/")
     searched.leaderboard.head()
 
 Every `ar-ray` command is one of these functions (`ar_ray.api`), with the same options and
@@ -25,6 +25,8 @@ _WHERE = {
     "distill": "ar_ray.api",
     "train": "ar_ray.api",
     "export": "ar_ray.api",
+    "serve": "ar_ray.api",
+    "stop_serving": "ar_ray.api",
     "TuneResult": "ar_ray.api",
     "EnsembleResult": "ar_ray.ensembling",
     "DistillResult": "ar_ray.distilling",
@@ -54,12 +56,24 @@ __all__ = [
     "load_dataset",
     "load_search_space",
     "predict",
+    "serve",
+    "stop_serving",
     "train",
     "tune",
 ]
 
 if TYPE_CHECKING:
-    from ar_ray.api import TuneResult, distill, ensemble, export, predict, train, tune
+    from ar_ray.api import (
+        TuneResult,
+        distill,
+        ensemble,
+        export,
+        predict,
+        serve,
+        stop_serving,
+        train,
+        tune,
+    )
     from ar_ray.config import RecipeConfig
     from ar_ray.data import load_dataset
     from ar_ray.distilling import DistillResult

@@ -28,6 +28,7 @@ from ar_ray.data import DatasetSplits, FolderListing, list_folder, load_builtin,
 from ar_ray.data.cache import CACHE_DIR
 from ar_ray.data.decode import run_on_ray
 from ar_ray.errors import UserError
+from ar_ray.extras import require_extra
 from ar_ray.resources import (
     DEFAULT_MAX_ACTORS,
     Resources,
@@ -40,6 +41,8 @@ from ar_ray.resources import (
 from ar_ray.search_plan import SearchPlan
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only inside the workflows that need them
+    from ray.serve.handle import DeploymentHandle
+
     from ar_ray.distilling import DistillResult
     from ar_ray.ensembling import EnsembleResult
     from ar_ray.exporting import ExportResult
@@ -601,3 +604,81 @@ def export(
 
     run = run if isinstance(run, str) else run.run
     return run_export(run, model=model, format=format, out=out)
+
+
+def serve(
+    run: str | EnsembleResult,
+    *,
+    model: str = "ensemble",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int | str = "auto",
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    cpus_per_replica: float | None = None,
+    gpus_per_replica: float | None = None,
+    max_batch_size: int = 16,
+    batch_wait_ms: float = 10.0,
+    max_request_mb: float = 20.0,
+    max_megapixels: float = 50.0,
+    address: str | None = None,
+    verbose: bool = False,
+) -> DeploymentHandle:
+    """`ar-ray serve`: the ensemble saved in `run` (`model="distilled"`: its student) as an
+    HTTP service on Ray Serve at http://host:port (POST /predict, /predict/batch; GET
+    /healthz, /info). Returns once the replicas answer, with the deployment's handle;
+    `stop_serving()` ends it. Replicas hold the resources the ensemble's inference actors
+    held unless told otherwise, and scale between `min_replicas` (1) and `max_replicas` (the
+    ensemble's pool size) under `replicas="auto"`, or are a fixed count. Concurrent images
+    join one forward of up to `max_batch_size`, waiting at most `batch_wait_ms`. Needs the
+    `serve` extra."""
+    require_extra("serve")
+    from ar_ray.cluster import connect
+    from ar_ray.feasibility import Demand, failing_fast
+    from ar_ray.ray_output import ray_output
+    from ar_ray.saved_ensemble import load_model
+    from ar_ray.serving import LOOPBACK_HOSTS, ServiceSettings, describe_service, start
+
+    run = run if isinstance(run, str) else run.run
+    saved = load_model(run, model)
+    settings = ServiceSettings(
+        run=store.resolve(run),
+        model=model,
+        replicas=replicas,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        cpus_per_replica=cpus_per_replica,
+        gpus_per_replica=gpus_per_replica,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        max_request_mb=max_request_mb,
+        max_megapixels=max_megapixels,
+        verbose=verbose,
+    )
+    replica = resources(
+        "serve replica", "replica", cpus_per_replica, gpus_per_replica,
+        settings.replica_resources(saved), "the ensemble's inference actors'",
+    )  # fmt: skip
+    settings = replace(settings, cpus_per_replica=replica.cpus, gpus_per_replica=replica.gpus)
+    if host not in LOOPBACK_HOSTS:
+        print(
+            f"warning: serving on {host}:{port} with no authentication: anyone who can reach "
+            "this port can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(describe_service(settings, saved), flush=True)
+    embedded = connect(address)
+    with failing_fast([Demand("serve replica", "replica", replica)], embedded), ray_output(verbose):
+        return start(settings, host=host, port=port)
+
+
+def stop_serving() -> None:
+    """End what `serve` started: Serve's applications, replicas and proxies, all of them
+    (nothing to do where Ray or Serve never started)."""
+    import ray
+
+    if ray.is_initialized():
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()

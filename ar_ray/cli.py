@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ar_ray import api
 from ar_ray.config import TTA_MODES
 from ar_ray.errors import Interrupted, UserError
-from ar_ray.interrupts import treat_sigterm_as_interrupt
+from ar_ray.interrupts import treat_sigterm_as_interrupt, wait_until_interrupted
 
 if TYPE_CHECKING:  # the Ray-heavy modules load only for the commands that need them
     import pandas as pd
@@ -178,7 +178,54 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="onnx", help="file format (default onnx)")
     export.add_argument("--out", help="the .onnx file (default <run>/export/<model>.onnx)")
     export.set_defaults(handler=_export)
+
+    serve = commands.add_parser(
+        "serve", help="a saved ensemble as an autoscaling HTTP service on Ray Serve"
+    )
+    serve.add_argument("--ensemble", required=True, help="<storage>/<name> of an ensemble")
+    serve.add_argument(
+        "--model", default="ensemble", help="ensemble (default) or distilled: what to serve"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument(
+        "--replicas", type=_replica_count, default="auto", help="auto (default) or a fixed count"
+    )
+    serve.add_argument("--min-replicas", type=int, help="auto's floor (default 1)")
+    serve.add_argument(
+        "--max-replicas", type=int, help="auto's ceiling (default: the ensemble's --max-actors)"
+    )
+    serve.add_argument(
+        "--cpus-per-replica", type=float, help="CPUs per replica (default: the ensemble's actors')"
+    )
+    serve.add_argument(
+        "--gpus-per-replica", type=float, help="GPUs per replica (default: the ensemble's actors')"
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, default=16, help="images per forward (default 16; 1: off)"
+    )
+    serve.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="longest wait to fill a batch (10)"
+    )
+    serve.add_argument(
+        "--max-request-mb", type=float, default=20.0, help="larger bodies get a 413 (default 20)"
+    )
+    serve.add_argument(
+        "--max-megapixels", type=float, default=50.0, help="larger images get a 413 (default 50)"
+    )
+    _add_address_argument(serve)
+    serve.set_defaults(handler=_serve)
     return parser
+
+
+def _replica_count(value: str) -> int | str:
+    """--replicas: "auto", or a whole number (checked further by the workflow)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: 'auto' or a count") from None
 
 
 def _add_actor_arguments(parser: argparse.ArgumentParser, inherited: str) -> None:
@@ -291,6 +338,23 @@ def _export(args: argparse.Namespace) -> int:
         f"{result.checked_images} {result.checked_on}"
     )
     print(f"sidecar: {result.sidecar}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Serve until Ctrl+C or SIGTERM, which (even while replicas are still starting) shut
+    Serve down and end with 0: stopping is how a service ends, not an interruption."""
+    try:
+        api.serve(args.ensemble, **_options(args, api.serve))
+        print(
+            f"serving on http://{args.host}:{args.port}/ (POST /predict, /predict/batch; GET "
+            "/healthz, /info); Ctrl+C stops",
+            flush=True,
+        )
+        wait_until_interrupted()
+    except KeyboardInterrupt:
+        api.stop_serving()
+        print("stopped serving", flush=True)
     return 0
 
 

@@ -32,6 +32,7 @@ from ar_ray import storage
 from ar_ray.data.size import stored_size
 from ar_ray.ensemble_weights import combine, log_combine
 from ar_ray.errors import UserError
+from ar_ray.extras import EXTRA_PACKAGES, require_extra
 from ar_ray.outputs import atomic_save, atomic_write_text
 from ar_ray.recipe.augment import (
     CROPS_PER_IMAGE,
@@ -48,8 +49,6 @@ TOLERANCE = 1e-4  # max abs difference in probability allowed between onnxruntim
 CHECK_IMAGES = 32
 SHARED_MODE = 0o644  # files meant to be copied to a serving stack; temp files start at 0o600
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
-EXTRA_HINT = "pip install 'ar-ray[export]'"
-EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch.onnx's exporter
 FORMATS = ("onnx",)
 MODELS: dict[str, Callable[[str], SavedEnsemble]] = {
     "ensemble": SavedEnsemble.load,
@@ -114,15 +113,6 @@ class ExportedEnsemble(nn.Module):
             probs = torch.softmax(member(crops), dim=1)
             member_probs.append(probs.view(views, -1, probs.shape[1]).mean(dim=0))
         return log_combine(torch.stack(member_probs), self.weights, self.temperature).exp()
-
-
-def require_export_packages() -> None:
-    """The optional extra, asked for by name, before any model is loaded."""
-    for package in EXPORT_PACKAGES:
-        try:
-            __import__(package)
-        except ImportError:
-            raise UserError(f"export needs {package}: {EXTRA_HINT}") from None
 
 
 def check_choices(model: str, format: str) -> None:
@@ -361,7 +351,7 @@ def sidecar(saved: SavedEnsemble, result: ExportResult) -> dict[str, Any]:
 def versions() -> dict[str, str]:
     """The software that wrote and checked the file."""
     found = {}
-    for package in ("ar-ray", "torch", "torchvision", *EXPORT_PACKAGES):
+    for package in ("ar-ray", "torch", "torchvision", *EXTRA_PACKAGES["export"]):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -372,7 +362,7 @@ def versions() -> dict[str, str]:
 def run_export(run: str, *, model: str, format: str, out: str | Path | None) -> ExportResult:
     """Cheap checks first (choices, packages, the record, the output), then the export."""
     check_choices(model, format)
-    require_export_packages()
+    require_extra("export")
     run = storage.resolve(run)
     saved = MODELS[model](run)
     return export_saved(saved, model, output_path(run, model, out))

@@ -27,6 +27,7 @@ from ray.data.extensions import ArrowTensorArray
 from ar_ray import storage
 from ar_ray.cluster import assigned_device, placement_labels
 from ar_ray.ensemble_weights import FittedWeights, combine
+from ar_ray.predictions import top_k
 from ar_ray.progress import InferenceProgress
 from ar_ray.recipe.augment import predict_probabilities
 from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
@@ -141,6 +142,12 @@ class EnsemblePredictor:
         )
         return probs.float().cpu().numpy()
 
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """The weighted ensemble's probabilities [B, K] for uint8 images [B, 3, S, S]."""
+        if self.weights is None:
+            raise ValueError("an EnsemblePredictor without weights answers members only")
+        return combine(self.member_probabilities(images), self.weights)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.weights is None:
             member = self.member_probabilities(batch["image"])
@@ -157,10 +164,9 @@ class EnsemblePredictor:
         classes = np.full((count, self.top_k), -1, dtype=np.int64)
         probs = np.zeros((count, self.top_k), dtype=np.float32)
         if good.any():
-            ensemble = combine(self.member_probabilities(batch["image"][good]), self.weights)
-            order = np.argsort(-ensemble, axis=1)[:, : self.top_k]  # all, with < k classes
+            order, top = top_k(self.probabilities(batch["image"][good]), self.top_k)
             classes[good, : order.shape[1]] = order
-            probs[good, : order.shape[1]] = np.take_along_axis(ensemble, order, axis=1)
+            probs[good, : order.shape[1]] = top
         return {"path": batch["path"], "error": batch["error"], "classes": classes, "probs": probs}
 
 

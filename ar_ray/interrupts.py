@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,3 +42,10 @@ def sigint_handler_restored() -> Iterator[None]:
         # nothing and signal.signal would raise
         if before is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
+
+
+def wait_until_interrupted() -> None:
+    """Block the calling (main) thread until Ctrl+C, or SIGTERM once it is treated as one:
+    how a foreground service (`ar-ray serve`) runs until it is told to stop."""
+    while True:
+        time.sleep(3600)

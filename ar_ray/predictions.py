@@ -13,12 +13,18 @@ from ar_ray.data import CLASS_SEPARATOR
 TOP_K = 5
 
 
+def top_k(probs: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """The k most probable classes of each row [N, K] (all, with fewer than k classes), most
+    probable first, and their probabilities: what every answer lists."""
+    order = np.argsort(-probs, axis=1)[:, :k]
+    return order, np.take_along_axis(probs, order, axis=1)
+
+
 def predictions_frame(
     probs: np.ndarray, ids: list[str], classes: list[str], labels: np.ndarray | None = None
 ) -> pd.DataFrame:
     """One row per image: predicted class, top-5 classes, confidence, the label where known."""
-    order = np.argsort(-probs, axis=1)[:, :TOP_K]
-    frame = top_k_frame(ids, order, np.take_along_axis(probs, order, axis=1), classes)
+    frame = top_k_frame(ids, *top_k(probs), classes)
     if labels is not None:
         frame["label"] = [classes[i] for i in labels.tolist()]
     return frame

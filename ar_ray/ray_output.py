@@ -41,6 +41,7 @@ NOISE = re.compile(
             r"^Started training worker group",
             r"^- \(ip=\S+, pid=\d+\) world_rank=",
             r"^Setting up process group for: ",
+            r"Task ServeController.graceful_shutdown failed",  # serve.shutdown killing it
         ]
     )
 )
@@ -49,6 +50,7 @@ QUIET_LOGGERS = {
     "ray.tune": logging.WARNING,
     "ray.data": logging.WARNING,
     "ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled"
+    "ray.serve": logging.WARNING,  # "Started Serve", "Application ... is ready"
 }
 PRINT_HANDLER = "ray_print_logs"  # the name Ray's worker.connect gives its printer
 

@@ -52,6 +52,11 @@ WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 WHITE = (255, 255, 255, 255)
 
 
+class OversizedImage(ValueError):
+    """More pixels than the caller allows: checked from the header, before any pixel is
+    decoded, so a decompression bomb (a small file that inflates to gigabytes) costs nothing."""
+
+
 class MislabelledImage(ValueError):
     """Content and name disagree (a PNG named .jpg): often a sign of a broken export, and
     tools other than PIL (e.g. JPEG-only decoders on the cluster) would fail on it."""
@@ -74,7 +79,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(source: BinaryIO, suffix: str, size: int) -> np.ndarray:
+def _decode(source: BinaryIO, suffix: str, size: int, max_pixels: int | None) -> np.ndarray:
     """One full decode per file; `load()` forces truncated data to raise instead of passing.
 
     EXIF orientation is applied, so a phone photo is learnt upright, as it is displayed.
@@ -85,6 +90,11 @@ def _decode(source: BinaryIO, suffix: str, size: int) -> np.ndarray:
             expected = FORMATS_OF_EXTENSION.get(suffix.lower())
             if expected and image.format not in expected:
                 raise MislabelledImage(f"holds {image.format} data but is named {suffix}")
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise OversizedImage(
+                    f"{width} x {height} pixels, over the limit of {max_pixels / 1e6:g} megapixels"
+                )
             image.draft(None, (size, size))  # JPEG: decode at a reduced scale that is >= size
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
@@ -102,11 +112,14 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     return decode_image_bytes(data, str(path), size)
 
 
-def decode_image_bytes(data: bytes, name: str, size: int) -> np.ndarray:
+def decode_image_bytes(
+    data: bytes, name: str, size: int, max_pixels: int | None = None
+) -> np.ndarray:
     """An image's bytes, however they were read, as a uint8 CHW square of side `size`, decoded
-    exactly as training images were; a bad one raises DataError naming `name`."""
+    exactly as training images were; a bad one raises DataError naming `name` (from the
+    cause, e.g. OversizedImage over `max_pixels`; None: PIL's own bomb limit only)."""
     try:
-        array = _decode(io.BytesIO(data), PurePosixPath(name).suffix, size)
+        array = _decode(io.BytesIO(data), PurePosixPath(name).suffix, size, max_pixels)
     except DECODE_ERRORS as error:
         raise DataError(f"{name}: {_bad_image_reason(error, empty=not data)}") from error
     return np.ascontiguousarray(array.transpose(2, 0, 1))
@@ -127,6 +140,8 @@ def _bad_image_reason(error: Exception, empty: bool) -> str:
         return "image file is empty (0 bytes)"
     if isinstance(error, MislabelledImage):
         return f"{error}; rename it or pass --skip-bad-images"
+    if isinstance(error, OversizedImage):
+        return f"image too large ({error})"
     if isinstance(error, UnidentifiedImageError):  # its own message repeats the path
         return "not an image PIL can decode (corrupt or unknown format)"
     return f"unreadable or corrupt image ({_first_line(error)})"
