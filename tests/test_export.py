@@ -12,78 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import ar_ray
 from ar_ray import exporting
-from ar_ray.config import RecipeConfig
-from ar_ray.ensemble_weights import combine, uniform
+from ar_ray.ensemble_weights import uniform
 from ar_ray.errors import UserError
-from ar_ray.recipe.augment import predict_probabilities
-from ar_ray.recipe.checkpoint import inference_model, load_checkpoint, save_checkpoint
-from ar_ray.recipe.models import ARNet
-from ar_ray.saved_ensemble import SavedEnsemble
 from tests.helpers import assert_user_error, run_cli
+from tests.saved_runs import CLASSES, IMAGE_SIZE, STORED, images, predict_path, write_run
 
 pytest.importorskip("onnxruntime", reason="the export extra: pip install 'ar-ray[export]'")
 
 # each export traces whole members through torch.onnx's exporter: seconds apiece
 pytestmark = pytest.mark.slow
-
-CLASSES = ["boot", "cat", "dog", "shirt"]
-IMAGE_SIZE, STORED = 28, 32
-
-
-def write_member(path: Path, seed: int) -> None:
-    """An untrained resnet18 made to answer confidently and differently from its peers:
-    random normalisation, batch-norm statistics and a scaled-up classifier, so a graph that
-    dropped or mixed up any of them would answer differently."""
-    torch.manual_seed(seed)
-    config = RecipeConfig(arch="resnet18", image_size=IMAGE_SIZE, seed=seed)
-    model = ARNet(config, len(CLASSES)).eval()
-    model.set_normalization(torch.rand(3) * 0.5 + 0.25, torch.rand(3) * 0.3 + 0.1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
-        model.classifier.weight.mul_(20)
-    state = {"model": model.state_dict(), "config": config.to_dict(), "num_classes": len(CLASSES)}
-    save_checkpoint(state, path)
-
-
-def write_run(root: Path, *, weights: list[float], tta: str, temperature: float = 1.7) -> Path:
-    """A run folder holding members and the `ensemble.yaml` `ar-ray ensemble` would write."""
-    names = [f"m{index}" for index in range(len(weights))]
-    for index, name in enumerate(names):
-        write_member(root / "members" / name / "checkpoint.pt", seed=index)
-    SavedEnsemble(
-        members=names,
-        checkpoints=[f"members/{name}/checkpoint.pt" for name in names],
-        method="nll",
-        weights=weights,
-        temperature=temperature,
-        tta=tta,
-        classes=CLASSES,
-        image_size=IMAGE_SIZE,
-        stored_size=STORED,
-    ).save(root / "ensemble")
-    return root
-
-
-def images(count: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (count, 3, STORED, STORED), np.uint8)
-
-
-def predict_path(run: Path, batch: np.ndarray, fitted=None) -> np.ndarray:
-    """`ar-ray predict`'s answer, from the saved record: each member's probabilities under the
-    recorded TTA, combined with the saved weights and temperature (or `fitted`)."""
-    saved = SavedEnsemble.load(str(run))
-    members = [inference_model(load_checkpoint(Path(p))) for p in saved.locations()]
-    tensor = torch.from_numpy(batch)
-    probs = [predict_probabilities(m, tensor, saved.image_size, saved.tta) for m in members]
-    return combine(torch.stack(probs).numpy(), fitted or saved.fitted_weights)
 
 
 def onnx_answer(path: Path, batch: np.ndarray) -> np.ndarray:

@@ -140,8 +140,8 @@ def _bad_image_reason(error: Exception, empty: bool) -> str:
         return "image file is empty (0 bytes)"
     if isinstance(error, MislabelledImage):
         return f"{error}; rename it or pass --skip-bad-images"
-    if isinstance(error, OversizedImage):
-        return f"image too large ({error})"
+    if isinstance(error, OversizedImage | Image.DecompressionBombError):
+        return f"image too large ({_first_line(error)})"
     if isinstance(error, UnidentifiedImageError):  # its own message repeats the path
         return "not an image PIL can decode (corrupt or unknown format)"
     return f"unreadable or corrupt image ({_first_line(error)})"
