@@ -35,7 +35,6 @@ from ar_ray.saved_ensemble import SavedEnsemble, load_model
 from ar_ray.serve_requests import RequestError, RequestLimits, decode_upload, uploaded_files
 
 APP_NAME = "ar-ray"
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 REPLICA_HEADER = "x-ar-ray-replica"  # which replica answered: shows replicas sharing load
 
@@ -112,14 +111,18 @@ class ServiceSettings:
         """The fewest and most replicas: a fixed count, or auto's floor and ceiling."""
         if self.replicas != "auto":
             return int(self.replicas), int(self.replicas)
-        ceiling = self.max_replicas or InferenceOptions.from_record(saved.request).max_actors
-        return (1 if self.min_replicas is None else self.min_replicas), ceiling
+        floor = 1 if self.min_replicas is None else self.min_replicas
+        if self.max_replicas is not None:
+            return floor, self.max_replicas
+        return floor, max(floor, InferenceOptions.from_record(saved.request).max_actors)
 
 
 def _typed(name: str, value: Any, kind: Any) -> Any:
     """A builder argument as its field's type (`serve run ... key=value` gives strings)."""
     if not isinstance(value, str) or kind is str or (name == "replicas" and value == "auto"):
         return value
+    if kind is bool:
+        return value.lower() in ("1", "true", "yes")
     try:
         return float(value) if float in (kind, *get_args(kind)) else int(value)
     except ValueError:
@@ -222,8 +225,8 @@ class EnsembleService:
         probs = await asyncio.to_thread(self.predictor.probabilities, np.stack(images))
         return list(probs)
 
-    async def _answers(self, request: Request) -> list[dict[str, Any]]:
-        files = await uploaded_files(request, self.limits)
+    async def _answers(self, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        """Each file decoded (in threads) and answered, in order; one bad file refuses all."""
         images = await asyncio.gather(
             *(
                 asyncio.to_thread(
@@ -248,15 +251,16 @@ class EnsembleService:
 
     @app.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
-        answers = await self._answers(request)
-        if len(answers) != 1:
-            message = f"{len(answers)} images: /predict takes one, /predict/batch several"
+        files = await uploaded_files(request, self.limits)
+        if len(files) != 1:
+            message = f"{len(files)} images: /predict takes one, /predict/batch several"
             raise RequestError(400, message)
-        return self._reply(answers[0])
+        (answer,) = await self._answers(files)
+        return self._reply(answer)
 
     @app.post("/predict/batch")
     async def predict_batch(self, request: Request) -> JSONResponse:
-        answers = await self._answers(request)
+        answers = await self._answers(await uploaded_files(request, self.limits))
         return self._reply({"model": self.settings.model, "predictions": answers})
 
     @app.get("/healthz")

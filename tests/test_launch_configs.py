@@ -215,16 +215,22 @@ def test_ar_ray_command_parses(source, args, capsys):
         assert parsed.gpus_per_trial, "a cluster that starts without GPUs needs --gpus-per-trial"
 
 
-RAY_REQUIREMENT = re.compile(r"ray\[([a-z,]+)\]")
+RAY_REQUIREMENT = re.compile(r"(?<![\w-])ray\[([a-z,]+)\]")  # not ar-ray[...]
 
 
 def test_cluster_images_install_the_ray_extras_the_package_declares():
     """A node that lacks an extra ar-ray imports fails only when a job lands on it (Ray Data
-    in the inference actors, the State API that frees an early-stopped trial's workers)."""
-    (declared,) = RAY_REQUIREMENT.findall((LAUNCH.parent / "pyproject.toml").read_text())
-    assert set(declared.split(",")) == {"default", "data", "tune", "train"}
-    installs = {
-        path.name: RAY_REQUIREMENT.findall(path.read_text()) for path in LAUNCH.glob("*.yaml")
+    in the inference actors, the State API that frees an early-stopped trial's workers, Ray
+    Serve in a replica): every cluster installs Ray with ar-ray's own extras and serve's,
+    and ar-ray with its serve extra."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((LAUNCH.parent / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["serve"]]
+    declared = {
+        e for r in requirements for found in RAY_REQUIREMENT.findall(r) for e in found.split(",")
     }
-    assert all(installs.values()), installs  # every cluster config installs Ray with extras
-    assert {extras for found in installs.values() for extras in found} == {declared}
+    assert declared == {"default", "data", "tune", "train", "serve"}
+    for path in LAUNCH.glob("*.yaml"):
+        installs = RAY_REQUIREMENT.findall(path.read_text())
+        assert [set(extras.split(",")) for extras in installs] == [declared], path.name
+        assert "/home/ray/ar-ray[serve]" in path.read_text(), path.name

@@ -24,12 +24,13 @@ from PIL import Image
 import ar_ray
 from ar_ray.data import CLASS_SEPARATOR
 from ar_ray.errors import UserError
-from ar_ray.serving import REPLICA_HEADER, ServiceSettings, build_app
+from ar_ray.saved_ensemble import SavedEnsemble
+from ar_ray.serving import REPLICA_HEADER, ServiceSettings, build_app, deployment_options
 from tests.helpers import assert_user_error, free_port, run_cli
 from tests.saved_runs import CLASSES, STORED, predict_path, write_run
 
 pytest.importorskip("ray.serve", reason="the serve extra: pip install 'ar-ray[serve]'")
-pytestmark = pytest.mark.ray
+# tests that take `service` run on the session's Ray, and conftest marks them `ray`
 
 VAL_IMAGES = 12
 SERVICE = {"replicas": 1, "cpus_per_replica": 0.5, "max_batch_size": 8, "batch_wait_ms": 50}
@@ -262,16 +263,48 @@ def test_settings_refuse_what_cannot_be_served():
     ):
         with pytest.raises(UserError, match=says.replace("-", r"\-")):
             ServiceSettings(run="r", **bad)
-    typed = ServiceSettings.from_args({"run": "r", "replicas": "3", "batch_wait_ms": "2.5"})
-    assert typed.replicas == 3 and typed.batch_wait_ms == 2.5
     with pytest.raises(UserError, match="unknown argument"):
         ServiceSettings.from_args({"run": "r", "replica": "3"})
 
 
+def test_builder_arguments_take_their_fields_types():
+    """`serve run ... key=value` passes strings; a Serve config file passes YAML types."""
+    typed = ServiceSettings.from_args(
+        {"run": "r", "replicas": "3", "batch_wait_ms": "2.5", "verbose": "true"}
+    )
+    assert (typed.replicas, typed.batch_wait_ms, typed.verbose) == (3, 2.5, True)
+    assert ServiceSettings.from_args({"run": "r", "replicas": "auto"}).replicas == "auto"
+    assert ServiceSettings.from_args({"run": "r", "max_replicas": 4}).max_replicas == 4
+
+
+def test_replicas_scale_within_what_was_stated_or_recorded(tmp_path):
+    """auto's ceiling is the ensemble's recorded pool size (never the cluster's), raised to a
+    stated floor; each replica holds the recorded actor's resources unless told otherwise."""
+    saved = SavedEnsemble(
+        members=["m"], checkpoints=["m.pt"], method="uniform", weights=[1.0],
+        temperature=1.0, tta="tencrop", classes=CLASSES, image_size=28, stored_size=STORED,
+        request={"max_actors": 3, "cpus_per_actor": 4, "gpus_per_actor": 1},
+    )  # fmt: skip
+    assert ServiceSettings(run="r").replica_range(saved) == (1, 3)
+    assert ServiceSettings(run="r", min_replicas=5).replica_range(saved) == (5, 5)
+    assert ServiceSettings(run="r", min_replicas=0, max_replicas=8).replica_range(saved) == (0, 8)
+    assert ServiceSettings(run="r", replicas=2).replica_range(saved) == (2, 2)
+    options = deployment_options(ServiceSettings(run="r", max_batch_size=8), saved)
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8,
+    }  # fmt: skip
+    assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    fixed = deployment_options(ServiceSettings(run="r", replicas=2, gpus_per_replica=0), saved)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 0}
+
+
+@pytest.mark.slow
 def test_a_run_without_an_ensemble_is_one_line(tmp_path):
     assert_user_error(run_cli("serve", "--ensemble", str(tmp_path)), "ensemble.yaml")
 
 
+@pytest.mark.ray
 def test_the_command_serves_the_student_until_sigterm(run, val_images):
     """`ar-ray serve --model distilled` in its own process and Ray; SIGTERM stops it with 0
     and the port closes. Bound beyond loopback, it warns that nothing authenticates."""
