@@ -1,6 +1,6 @@
 """`ar-ray serve` under a bounded load on 127.0.0.1: requests/s and latency percentiles.
 
-    .venv/bin/python bench/serve_load.py                 # full: ~12 min on an idle 2-CPU machine
+    .venv/bin/python bench/serve_load.py                 # full: ~22 min on a 2-CPU machine
     .venv/bin/python bench/serve_load.py --quick         # smoke check: ~3 min, tiny settings
     .venv/bin/python bench/serve_load.py --run runs/NAME # another saved ensemble
 
