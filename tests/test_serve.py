@@ -305,6 +305,15 @@ def test_a_run_without_an_ensemble_is_one_line(tmp_path):
 
 
 @pytest.mark.ray
+def test_replicas_this_machine_cannot_hold_are_refused_before_serving(run):
+    """On an embedded Ray nothing could ever place a GPU replica here: exit 2 at once,
+    rather than a deployment that waits forever."""
+    port = str(free_port())
+    done = run_cli("serve", "--ensemble", str(run), "--gpus-per-replica", "1", "--port", port)
+    assert_user_error(done, "--gpus-per-replica 1 asks for 1 GPU")
+
+
+@pytest.mark.ray
 def test_the_command_serves_the_student_until_sigterm(run, val_images):
     """`ar-ray serve --model distilled` in its own process and Ray; SIGTERM stops it with 0
     and the port closes. Bound beyond loopback, it warns that nothing authenticates."""
