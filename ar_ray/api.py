@@ -265,6 +265,7 @@ def tune(
     staged_search: str | None = None,
     stage2_trials: int | None = None,
     stage2_from: int | None = None,
+    optuna_storage: str | None = None,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -283,10 +284,13 @@ def tune(
     other keys on runs cut where Mean Teacher starts, phase 2 (`stage2_trials`, default half
     of `trials`) searches the `mt_*` keys resuming the best `stage2_from` (default 4)
     stage-one checkpoints. A line per trial epoch is printed; `verbose` adds Ray's own
-    output (Tune's boxes, workers' notices).
+    output (Tune's boxes, workers' notices). `optuna_storage` (`sqlite:///PATH.db`,
+    `postgresql://USER@HOST/DB`) keeps each phase's Optuna study in that database, named
+    after the run, for `optuna-dashboard URL`; by default it lives in memory.
     """
     from ar_ray.cluster import connect
     from ar_ray.feasibility import Demand, failing_fast
+    from ar_ray.optuna_storage import check_url
     from ar_ray.ray_output import ray_output
     from ar_ray.search import prepare_experiment_dir, resolve_schedule, run_tune, search_plan
     from ar_ray.search_space import load_search_space
@@ -305,7 +309,7 @@ def tune(
         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
         grace_period=grace_period, max_failures=max_failures, seed=seed,
         time_budget=time_budget, staged_search=staged_search, stage2_trials=stage2_trials,
-        stage2_from=stage2_from,
+        stage2_from=stage2_from, optuna_storage=optuna_storage,
     )  # fmt: skip
     _positive(
         trials=trials,
@@ -339,6 +343,7 @@ def tune(
         staged_search=_default(TuneRequest, "staged_search", staged_search),
         stage2_trials=stage2_trials,
         stage2_from=_default(TuneRequest, "stage2_from", stage2_from),
+        optuna_storage=None if optuna_storage is None else check_url(optuna_storage),
     )
     if resume:  # the recorded request goes on; an option that disagrees with it is refused
         prepare_experiment_dir(experiment_dir(request), resume=True, overwrite=False)

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage2-from", type=int, help="stage-one trials phase 2 resumes (default 4)"
     )
     tune.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="keep the Optuna study in a database (sqlite:///PATH.db, postgresql://...), "
+        "for optuna-dashboard URL (default: in memory)",
+    )
+    tune.add_argument(
         "--plan", dest="plan_only", action="store_true", help="print the epoch plan and exit"
     )
     tune.add_argument("--resume", action="store_true", help="continue the experiment --name")

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from ar_ray import storage
+from ar_ray.optuna_storage import RAY_TRIAL_ID
 
 
 class EarlyStopAwareOptunaSearch(OptunaSearch):
@@ -28,9 +30,22 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.full_epochs = full_epochs
 
+    def suggest(self, trial_id: str) -> dict | None:
+        """Ray's suggestion, with the Ray trial id recorded on the study's trial, so a
+        stored study says which Ray trial each of its trials ran as."""
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        return config
+
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        """The last epoch's value becomes an intermediate value too (Ray hands the final
+        result to this method only, so a study's curves would end an epoch early), then
+        ASHA-stopped trials go to Optuna without a final value: PRUNED."""
+        if result and not error and self.metric in result and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].report(result[self.metric], result[TRAINING_ITERATION])
         if result and not error and result.get("epoch", 0) < self.full_epochs:
             result = {key: value for key, value in result.items() if key != self.metric}
         super().on_trial_complete(trial_id, result, error)

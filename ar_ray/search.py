@@ -106,7 +106,7 @@ def run_tune(
             request, phase, splits, resume=resume, verbose=verbose, hours_line=hours_line,
             budget=request.time_budget,
         )  # fmt: skip
-        rows = phase_rows(grid, phase, space)
+        rows = phase_rows(grid, phase, space, request)
     board = ranked(rows)
     storage.write_text(storage.join(path, LEADERBOARD), board.to_csv(index=False))
     storage.write_text(storage.join(path, BEST_CONFIGS), best_configs_yaml(board, space, base))

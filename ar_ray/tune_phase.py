@@ -27,6 +27,7 @@ from ar_ray.errors import Interrupted, UserError
 from ar_ray.interrupts import sigint_handler_restored
 from ar_ray.leaderboard import STAGE_TWO, PhaseRecord, trial_rows
 from ar_ray.optuna_search import EarlyStopAwareOptunaSearch, optuna_states
+from ar_ray.optuna_storage import study_name, study_states
 from ar_ray.progress import format_duration
 from ar_ray.ray_output import tune_verbosity
 from ar_ray.search_space import SearchSpace
@@ -136,11 +137,14 @@ def _build_tuner(
     hours_line: Callable[[float], str] | None,
     budget: float | None,
 ) -> tune.Tuner:
+    stored = request.optuna_storage
     searcher = EarlyStopAwareOptunaSearch(
         metric=METRIC,
         mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=request.seed),
         full_epochs=phase.last_epoch,
+        storage=None if stored is None else optuna.storages.RDBStorage(stored),
+        study_name=None if stored is None else study_name(request.name, phase.folder),
     )
     scheduler = ASHAScheduler(
         time_attr=PHASE_EPOCH,
@@ -220,6 +224,14 @@ def trials_that_ran(grid: tune.ResultGrid) -> int:
     )
 
 
-def phase_rows(grid: tune.ResultGrid, phase: Phase, space: SearchSpace) -> list[dict[str, Any]]:
-    states = optuna_states(phase.folder)
+def phase_rows(
+    grid: tune.ResultGrid, phase: Phase, space: SearchSpace, request: TuneRequest
+) -> list[dict[str, Any]]:
+    """The leaderboard rows of a phase, with each trial's state in the Optuna study: the
+    stored study's where there is one (Optuna's public API), else the in-memory study that
+    Tune saved with the searcher."""
+    if request.optuna_storage is None:
+        states = optuna_states(phase.folder)
+    else:
+        states = study_states(request.optuna_storage, study_name(request.name, phase.folder))
     return trial_rows(grid, space.searched, replace(phase.record, optuna_states=states))

@@ -40,6 +40,7 @@ class TuneRequest:
     max_failures: int = 2
     seed: int = 0
     time_budget: float | None = None  # seconds of search; None: no limit
+    optuna_storage: str | None = None  # a database URL for the studies; None: in memory
 
 
 BUDGET_REACHED = "time_budget_reached"

@@ -133,7 +133,7 @@ def two_phase_rows(
             budget=request.time_budget,
         )  # fmt: skip
         if storage.exists(budget_marker(request)):
-            return phase_rows(grid, one, space)
+            return phase_rows(grid, one, space, request)
         parents = stage_one_parents(grid, one, request.stage2_from, experiment_root(request))
         if not parents:
             raise UserError(f"{one.folder}: no stage-one trial reached epoch {one.last_epoch}")
@@ -149,4 +149,4 @@ def two_phase_rows(
     second = fit_phase(
         request, two, splits, resume=resume, verbose=verbose, hours_line=None, budget=budget
     )
-    return phase_rows(grid, one, space) + phase_rows(second, two, space)
+    return phase_rows(grid, one, space, request) + phase_rows(second, two, space, request)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import ray
@@ -17,6 +18,7 @@ from ray import tune
 
 from ar_ray.config import ConfigError, RecipeConfig, load_config
 from ar_ray.optuna_search import optuna_states
+from ar_ray.optuna_storage import RAY_TRIAL_ID
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ar_ray.search import run_tune
 from ar_ray.search_space import load_search_space, parse_search_space
@@ -192,6 +194,8 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
         address,
         "--max-concurrent",
         "1",
+        "--optuna-storage",
+        f"sqlite:///{tmp_path}/study.db",
     ]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save experiment state often
     driver = subprocess.Popen(
@@ -221,6 +225,12 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
         assert _result_lines(experiment, trial) == lines  # not run again
         row = board[board["trial_id"] == trial].iloc[0]
         assert row["val_top1"] == pytest.approx(json.loads(lines[-1])["val_top1"])
+    # the resumed search went on in the same stored study: one finished trial per Ray trial
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{tmp_path}/study.db")
+    by_ray = {t.user_attrs[RAY_TRIAL_ID]: t.state.name for t in study.trials}
+    assert sorted(by_ray) == sorted(board["trial_id"]) and len(study.trials) == 4
+    assert list(board["optuna_state"]) == [by_ray[t] for t in board["trial_id"]]
+    assert set(by_ray.values()) <= {"COMPLETE", "PRUNED"}
 
 
 def _result_lines(experiment: Path, trial_id: str) -> list[str]:
