@@ -14,6 +14,7 @@ from ar_ray.optuna_storage import RAY_TRIAL_ID, check_url, shown, study_name
 from ar_ray.search import run_tune
 from ar_ray.search_space import load_search_space
 from ar_ray.tune_request import TuneRequest
+from tests.postgres_server import postgres_server
 
 QUICK = Path(__file__).parent.parent / "search_spaces" / "quick.yaml"
 
@@ -36,13 +37,27 @@ def test_passwords_are_hidden_and_studies_named_after_the_run():
     assert study_name("vip", "s3://b/ar-ray/vip/tune/phase2/") == "vip/phase2"
 
 
+@pytest.fixture(scope="module")
+def postgres_url():
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/study.db"
+    return request.getfixturevalue("postgres_url")
+
+
 def test_the_stored_study_records_every_trial_its_epochs_and_asha_stops(
-    ray_cluster, small_splits, tmp_path
+    ray_cluster, small_splits, tmp_path, database
 ):
     """4 trials of 2 epochs, ASHA's rung at epoch 1 with reduction factor 2: some trials stop
-    there. The SQLite study holds one trial per Ray trial, each epoch's value, PRUNED for the
-    stopped and COMPLETE for the finished, as the leaderboard says."""
-    url = f"sqlite:///{tmp_path}/study.db"
+    there. The study, in SQLite or on a PostgreSQL server, holds one trial per Ray trial,
+    each epoch's value, PRUNED for the stopped and COMPLETE for the finished, as the
+    leaderboard says."""
+    url = database
     request = TuneRequest(
         space=str(QUICK), trials=4, epochs=2, storage=str(tmp_path), name="t",
         reduction_factor=2, optuna_storage=url,
