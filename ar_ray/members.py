@@ -35,6 +35,7 @@ from ar_ray.leaderboard import config_for_row, finished_trials, searched_columns
 from ar_ray.progress import MemberProgress, ProgressHandle, quiet_train_reports
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ar_ray.resources import Resources
+from ar_ray.tensorboard_log import TENSORBOARD_DIR, EpochScalars
 
 MEMBERS_DIR = "members"
 MIN_DISTANCE = 0.15
@@ -204,16 +205,24 @@ def worker_fit(loop_config: dict[str, Any], name: str, **fit_options: Any) -> No
     quiet_train_reports()
     config = RecipeConfig.from_dict(loop_config["config"])
     splits = ray.get(loop_config["splits"])
+    rank_zero = ray.train.get_context().get_world_rank() == 0
     progress: ProgressHandle | None = loop_config.get("progress")  # None: called directly
-    show_progress = progress.reporter(name, config.epochs) if progress else None
+    after_epoch = [progress.reporter(name, config.epochs)] if progress else []
+    if rank_zero and loop_config.get("tensorboard"):
+        after_epoch.append(EpochScalars(loop_config["tensorboard"]))
     session = RaySession(
         ray.train.get_checkpoint,
         ray.train.report,
         ray.train.Checkpoint,
-        uploads_weights=ray.train.get_context().get_world_rank() == 0,
+        uploads_weights=rank_zero,
     )
+
+    def each_epoch(metrics: Mapping[str, Any]) -> None:
+        for callback in after_epoch:
+            callback(metrics)
+
     checkpointed_fit(
-        config, splits, session, worker_device(), after_epoch=show_progress, **fit_options
+        config, splits, session, worker_device(), after_epoch=each_epoch, **fit_options
     )
 
 
@@ -272,6 +281,7 @@ def train_member(
             "splits": splits_ref,
             "member_id": spec.member_id,
             "progress": progress,
+            "tensorboard": storage.join(member_dir(options.root, spec.member_id), TENSORBOARD_DIR),
             "snapshots": [
                 (s.snapshot_epoch, s, member_dir(options.root, s.member_id)) for s in snapshots
             ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,20 @@ def assert_top5(listed: np.ndarray, shown: np.ndarray, expected: np.ndarray, ato
     largest = -np.sort(-expected, axis=1)[:, :5]
     assert np.allclose(np.take_along_axis(expected, listed, axis=1), largest, atol=atol)
     assert np.allclose(shown, largest, atol=atol)
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the TensorBoard event files in `folder` ({tag: {step: value}}), read
+    from the TFRecord framing itself (length, its CRC, an Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars

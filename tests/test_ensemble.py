@@ -14,7 +14,7 @@ import ray
 import ray.data
 import torch
 import yaml
-from helpers import assert_top5, make_image_folder, run_cli, write_image
+from helpers import assert_top5, make_image_folder, run_cli, tensorboard_scalars, write_image
 from PIL import Image
 
 from ar_ray.cli import print_summary
@@ -495,6 +495,16 @@ def test_member_resumed_after_a_failure_ends_where_an_uninterrupted_one_does(
     )
     assert list(flaky_metrics["epoch"]) == [1, 2]
     pd.testing.assert_frame_equal(flaky_metrics, steady_metrics, check_exact=True)
+    # rank 0 logged each epoch to TensorBoard beside metrics.csv; the retry in a file of its
+    # own, so the first attempt's epoch is still there
+    for name, files in (("steady", 1), ("flaky", 2)):
+        logged = tensorboard_scalars(finished[name] / "tensorboard")
+        metrics = pd.read_csv(finished[name] / "metrics.csv")
+        for tag in ("val_top1", "train_loss", "lr"):
+            assert logged[tag] == pytest.approx(
+                dict(zip(metrics["epoch"], metrics[tag], strict=True))
+            )
+        assert len(list((finished[name] / "tensorboard").glob("events.out.tfevents.*"))) == files
     shutil.rmtree(tmp_path / "steady")
     shutil.rmtree(tmp_path / "flaky")
 
