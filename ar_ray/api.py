@@ -675,7 +675,7 @@ def serve(
     print(describe_service(settings, saved), flush=True)
     embedded = connect(address)
     with failing_fast([Demand("serve replica", "replica", replica)], embedded), ray_output(verbose):
-        return start(settings, host=host, port=port)
+        return start(settings, saved, host=host, port=port)
 
 
 def stop_serving() -> None:

@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from ar_ray.data import DataError
-from ar_ray.data.image import OversizedImage, decode_image_bytes
+from ar_ray.data.image import OVERSIZED, decode_image_bytes
 
 RAW_TYPES = ("application/octet-stream", "image/")  # a body that is one image's bytes
 MULTIPART = "multipart/form-data"
@@ -114,5 +113,5 @@ def decode_upload(name: str, data: bytes, stored_size: int, max_pixels: int) -> 
     try:
         return decode_image_bytes(data, name, stored_size, max_pixels)
     except DataError as error:
-        oversized = isinstance(error.__cause__, OversizedImage | Image.DecompressionBombError)
+        oversized = isinstance(error.__cause__, OVERSIZED)
         raise RequestError(PAYLOAD_TOO_LARGE if oversized else 400, str(error)) from None

@@ -287,22 +287,25 @@ class EnsembleService:
         )
 
 
-def application(settings: ServiceSettings) -> Application:
-    """The Serve application for `settings`; the saved model is read (and checked) here, so
-    a bad run fails before any replica starts."""
-    saved = load_model(settings.run, settings.model)
+def application(settings: ServiceSettings, saved: SavedEnsemble) -> Application:
+    """The Serve application for `settings`, sized from `saved` (the record the caller read
+    and checked, so a bad run fails before any replica starts)."""
     return EnsembleService.options(**deployment_options(settings, saved)).bind(settings)
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Serve's application builder: `serve run ar_ray.serving:build_app run=...` or a Serve
     config file's `import_path` with `args`, taking `ServiceSettings`' fields."""
-    return application(ServiceSettings.from_args(args))
+    settings = ServiceSettings.from_args(args)
+    return application(settings, load_model(settings.run, settings.model))
 
 
-def start(settings: ServiceSettings, *, host: str, port: int) -> DeploymentHandle:
+def start(
+    settings: ServiceSettings, saved: SavedEnsemble, *, host: str, port: int
+) -> DeploymentHandle:
     """Start Serve's HTTP proxy on host:port and deploy; returns when replicas answer."""
     serve.start(
         http_options={"host": host, "port": port}, logging_config=serve_logging(settings.verbose)
     )
-    return serve.run(application(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    app = application(settings, saved)
+    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

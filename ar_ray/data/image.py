@@ -57,6 +57,10 @@ class OversizedImage(ValueError):
     decoded, so a decompression bomb (a small file that inflates to gigabytes) costs nothing."""
 
 
+OVERSIZED = (OversizedImage, Image.DecompressionBombError)
+"""Too many pixels: over the caller's limit, or over PIL's own decompression-bomb limit."""
+
+
 class MislabelledImage(ValueError):
     """Content and name disagree (a PNG named .jpg): often a sign of a broken export, and
     tools other than PIL (e.g. JPEG-only decoders on the cluster) would fail on it."""
@@ -140,7 +144,7 @@ def _bad_image_reason(error: Exception, empty: bool) -> str:
         return "image file is empty (0 bytes)"
     if isinstance(error, MislabelledImage):
         return f"{error}; rename it or pass --skip-bad-images"
-    if isinstance(error, OversizedImage | Image.DecompressionBombError):
+    if isinstance(error, OVERSIZED):
         return f"image too large ({_first_line(error)})"
     if isinstance(error, UnidentifiedImageError):  # its own message repeats the path
         return "not an image PIL can decode (corrupt or unknown format)"
