@@ -266,6 +266,8 @@ def tune(
     stage2_trials: int | None = None,
     stage2_from: int | None = None,
     optuna_storage: str | None = None,
+    track: str | None = None,
+    tracking_uri: str | None = None,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -286,10 +288,14 @@ def tune(
     stage-one checkpoints. A line per trial epoch is printed; `verbose` adds Ray's own
     output (Tune's boxes, workers' notices). `optuna_storage` (`sqlite:///PATH.db`,
     `postgresql://USER@HOST/DB`) keeps each phase's Optuna study in that database, named
-    after the run, for `optuna-dashboard URL`; by default it lives in memory.
+    after the run, for `optuna-dashboard URL`; by default it lives in memory. `track`
+    ("mlflow") logs a run per trial to `tracking_uri` (default: MLFLOW_TRACKING_URI), in the
+    run folder's experiment; a resumed search goes on tracking where it began.
     """
     from ar_ray.cluster import connect
     from ar_ray.feasibility import Demand, failing_fast
+    from ar_ray.mlflow_tracking import open_experiment, tolerated
+    from ar_ray.mlflow_tracking import tracking_uri as tracked_to
     from ar_ray.optuna_storage import check_url
     from ar_ray.ray_output import ray_output
     from ar_ray.search import prepare_experiment_dir, resolve_schedule, run_tune, search_plan
@@ -309,7 +315,7 @@ def tune(
         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
         grace_period=grace_period, max_failures=max_failures, seed=seed,
         time_budget=time_budget, staged_search=staged_search, stage2_trials=stage2_trials,
-        stage2_from=stage2_from, optuna_storage=optuna_storage,
+        stage2_from=stage2_from, optuna_storage=optuna_storage, tracking_uri=track,
     )  # fmt: skip
     _positive(
         trials=trials,
@@ -344,6 +350,7 @@ def tune(
         stage2_trials=stage2_trials,
         stage2_from=_default(TuneRequest, "stage2_from", stage2_from),
         optuna_storage=None if optuna_storage is None else check_url(optuna_storage),
+        tracking_uri=tracked_to(track, tracking_uri),
     )
     if resume:  # the recorded request goes on; an option that disagrees with it is refused
         prepare_experiment_dir(experiment_dir(request), resume=True, overwrite=False)
@@ -360,6 +367,11 @@ def tune(
     if plan_only:
         return TuneResult(leaderboard=pd.DataFrame(), run=experiment_root(request), plan=plan)
     store.ensure_writable(experiment_root(request))
+    if request.tracking_uri is not None and not resume:  # a server that is down: one line
+        open_experiment(request.tracking_uri, experiment_root(request))
+    elif request.tracking_uri is not None:  # the run goes on, as if the server went down now
+        with tolerated(f"tracking to {request.tracking_uri}"):
+            open_experiment(request.tracking_uri, experiment_root(request))
     if not resume:
         prepare_experiment_dir(experiment_dir(request), resume=False, overwrite=overwrite)
     embedded = connect(address)
@@ -394,6 +406,8 @@ def ensemble(
     seed: int | None = None,
     retrain: bool = False,
     snapshots: int | None = None,
+    track: str | None = None,
+    tracking_uri: str | None = None,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -410,7 +424,9 @@ def ensemble(
     `seed + i`). `snapshots` N > 1 trains each member with N cosine cycles with warm
     restarts (`lr_cycles`) and adds the model at each earlier cycle's end as a member, at no
     extra epochs. A line says how many members are reused and how many train; a line per
-    member epoch and inference progress follow; `verbose` adds Ray's own output.
+    member epoch and inference progress follow; `verbose` adds Ray's own output. `track`
+    ("mlflow") logs a parent run with a run per member to `tracking_uri` (default:
+    MLFLOW_TRACKING_URI), in the run folder's experiment, beside its trials'.
     """
     from ar_ray.cluster import connect
     from ar_ray.ensembling import (
@@ -422,6 +438,8 @@ def ensemble(
     )
     from ar_ray.feasibility import ensemble_demands, failing_fast
     from ar_ray.leaderboard import load_tune_record
+    from ar_ray.mlflow_tracking import open_experiment
+    from ar_ray.mlflow_tracking import tracking_uri as tracked_to
     from ar_ray.ray_output import ray_output
     from ar_ray.saved_ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE
 
@@ -443,6 +461,7 @@ def ensemble(
         images_per_call=images_per_call,
         snapshots=snapshots,
     )
+    tracked = tracked_to(track, tracking_uri)
     record = load_tune_record(run)
     root = store.resolve(run)
     store.ensure_writable(root)
@@ -481,6 +500,7 @@ def ensemble(
         request = replace(recorded, run=run)
     specs = plan_members(request, record)  # a bad `members` fails before any Ray work starts
     listing = list_data(record.data)  # the folder tune read, checked again before Ray starts
+    tracking = None if tracked is None else open_experiment(tracked, root)
     prepare_ensemble_dir(root, resume=resume, overwrite=overwrite)
     print(describe_members(specs, root), flush=True)
     embedded = connect(address)
@@ -488,7 +508,7 @@ def ensemble(
     demands = ensemble_demands(options, request.inference_options())
     with failing_fast(demands, embedded), ray_output(verbose):
         splits = tuned_splits(record, listing, root)
-        return run_ensemble(request, record, splits, options)
+        return run_ensemble(request, record, splits, options, tracking, resume=resume)
 
 
 def distill(
@@ -499,6 +519,8 @@ def distill(
     temperature: float | None = None,
     label_weight: float | None = None,
     seed: int | None = None,
+    track: str | None = None,
+    tracking_uri: str | None = None,
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -512,7 +534,9 @@ def distill(
     The loss is `T^2 KL(softmax(teacher/T) || softmax(student/T))` (+ `label_weight` times
     the recipe's loss). Train images only; val and test stay held out. Outputs in
     `<run>/distilled/`: the checkpoint, metrics.csv, speed.csv, report.md and the saved
-    one-member ensemble that `predict(..., model="distilled")` and `export` read.
+    one-member ensemble that `predict(..., model="distilled")` and `export` read. `track`
+    ("mlflow") logs the student as a run to `tracking_uri` (default: MLFLOW_TRACKING_URI),
+    in the run folder's experiment, beside its ensemble's.
     """
     from ar_ray.cluster import connect
     from ar_ray.distilling import (
@@ -524,6 +548,7 @@ def distill(
     )
     from ar_ray.feasibility import Demand, failing_fast
     from ar_ray.leaderboard import load_tune_record
+    from ar_ray.mlflow_tracking import start_tracking
     from ar_ray.ray_output import ray_output
     from ar_ray.saved_ensemble import DISTILLED_DIR
 
@@ -541,13 +566,14 @@ def distill(
     store.ensure_writable(store.join(root, DISTILLED_DIR))  # or the run, where it is missing
     record = load_tune_record(run)
     listing = list_data(record.data)
+    tracking = start_tracking(track, tracking_uri, root)
     prepare_distill_dir(root, plan.name, resume=resume, overwrite=overwrite)
     print(describe_plan(plan, request), flush=True)
     embedded = connect(address)
     demand = Demand("member worker", "worker", plan.worker, plan.workers)
     with failing_fast([demand], embedded), ray_output(verbose):
         splits = tuned_splits(record, listing, root)
-        return run_distill(request, plan, splits)
+        return run_distill(request, plan, splits, tracking, resume=resume)
 
 
 def predict(

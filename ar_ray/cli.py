@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the Optuna study in a database (sqlite:///PATH.db, postgresql://...), "
         "for optuna-dashboard URL (default: in memory)",
     )
+    _add_tracking_arguments(tune)
     tune.add_argument(
         "--plan", dest="plan_only", action="store_true", help="print the epoch plan and exit"
     )
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="N > 1: train members with N lr cycles (SGDR), each cycle's end a member (default 1)",
     )
+    _add_tracking_arguments(ensemble)
     ensemble.add_argument("--resume", action="store_true", help="reuse finished members")
     ensemble.add_argument("--overwrite", action="store_true", help="replace members and outputs")
     ensemble.set_defaults(handler=_ensemble)
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     distill.add_argument("--seed", type=int, help="the student's seed (default 0)")
     _add_address_argument(distill)
+    _add_tracking_arguments(distill)
     distill.add_argument("--resume", action="store_true", help="continue the student's training")
     distill.add_argument("--overwrite", action="store_true", help="replace <run>/distilled")
     distill.set_defaults(handler=_distill)
@@ -257,6 +260,16 @@ def _add_address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show all of Ray's output, not only ar-ray's"
+    )
+
+
+def _add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    """tune, ensemble, distill: runs in MLflow, in the run folder's experiment."""
+    parser.add_argument(
+        "--track", choices=("mlflow",), help="log runs to MLflow (needs ar-ray[mlflow])"
+    )
+    parser.add_argument(
+        "--tracking-uri", metavar="URI", help="the MLflow server (default: MLFLOW_TRACKING_URI)"
     )
 
 

@@ -20,6 +20,7 @@ from ar_ray import storage
 from ar_ray.config import RecipeConfig
 from ar_ray.data import DatasetSplits
 from ar_ray.members import TrainOptions, ddp_backend, fit_on_train, worker_device, worker_fit
+from ar_ray.mlflow_tracking import Tracking
 from ar_ray.progress import MemberProgress
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, inference_model, load_checkpoint
 from ar_ray.recipe.distillation import EnsembleTeacher, distillation_objective
@@ -64,6 +65,7 @@ def train_student(
     temperature: float,
     label_weight: float,
     folder: str,
+    tracked: tuple[Tracking, str] | None = None,
 ) -> Path:
     """Train (or resume, by `name`) the student under `folder/train`; return a local copy
     of its final checkpoint (the caller publishes it). Only the train split is shipped:
@@ -79,6 +81,7 @@ def train_student(
         "run": saved.run,
         "temperature": temperature,
         "label_weight": label_weight,
+        "mlflow": tracked,  # rank 0 logs each epoch into this MLflow run
     }
     backend = ddp_backend(options.worker)
     progress = MemberProgress().start()

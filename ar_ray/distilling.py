@@ -33,7 +33,8 @@ from ar_ray.distill_outputs import (
     write_outputs,
 )
 from ar_ray.errors import UserError
-from ar_ray.members import MEMBERS_DIR, TrainOptions
+from ar_ray.members import MEMBERS_DIR, TrainOptions, fit_tags
+from ar_ray.mlflow_tracking import ARTIFACT_SUFFIXES, Tracking, log_files, log_table, tracked_run
 from ar_ray.outputs import environment_info
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ar_ray.resources import Resources
@@ -216,14 +217,39 @@ def _stage(folder: str) -> tuple[Path, bool]:
     return Path(folder), False
 
 
-def run_distill(request: DistillRequest, plan: DistillPlan, splits: DatasetSplits) -> DistillResult:
+def run_distill(
+    request: DistillRequest,
+    plan: DistillPlan,
+    splits: DatasetSplits,
+    tracking: Tracking | None = None,
+    resume: bool = False,
+) -> DistillResult:
     """Train (or resume, or reuse) the student, then score, time and save it. The caller
-    decided what may be overwritten (`prepare_distill_dir`) and connected to Ray."""
+    decided what may be overwritten (`prepare_distill_dir`) and connected to Ray. Tracked,
+    the student is an MLflow run (`resume`: the one it left) in the run folder's experiment,
+    with its epochs, scores and outputs."""
+    folder = storage.join(storage.resolve(request.run), DISTILLED_DIR)
+    options = TrainOptions(root=folder, workers_per_member=plan.workers, worker=plan.worker)
+    with tracked_run(
+        tracking, f"distilled/{plan.name}", plan.name, kind="distilled",
+        params={**plan.config.to_dict(), **asdict(request)}, tags=fit_tags(options),
+        resume=resume,
+    ) as run_id:  # fmt: skip
+        tracked = None if run_id is None else (tracking, run_id)
+        return _run_distill(request, plan, splits, options, tracked)
+
+
+def _run_distill(
+    request: DistillRequest,
+    plan: DistillPlan,
+    splits: DatasetSplits,
+    options: TrainOptions,
+    tracked: tuple[Tracking, str] | None,
+) -> DistillResult:
     root = storage.resolve(request.run)
-    folder = storage.join(root, DISTILLED_DIR)
+    folder = options.root
     record = {"request": asdict(request), "student": plan.name, "teacher_best": plan.best}
     storage.write_text(storage.join(folder, REQUEST_FILE), yaml.safe_dump(record, sort_keys=False))
-    options = TrainOptions(root=folder, workers_per_member=plan.workers, worker=plan.worker)
     if _finished(folder, plan.name):
         text = storage.read_text(storage.join(folder, "history.csv"))
         history = pd.read_csv(io.StringIO(text))
@@ -237,6 +263,7 @@ def run_distill(request: DistillRequest, plan: DistillPlan, splits: DatasetSplit
             temperature=request.temperature,
             label_weight=request.label_weight,
             folder=folder,
+            tracked=tracked,
         )
         history = publish_student(local, plan.config, folder)
         shutil.rmtree(local.parent, ignore_errors=True)
@@ -250,6 +277,9 @@ def run_distill(request: DistillRequest, plan: DistillPlan, splits: DatasetSplit
     title = f"ar-ray distill: {plan.config.arch} student of {len(plan.saved.members)} members"
     summary = write_outputs(stage, metrics, speed, history, title)
     saved_student(plan.saved, plan.config, plan.name, request).save(stage)  # predict's record
+    if tracked is not None:
+        log_table(*tracked, metrics)  # the student beside the ensemble and its best member
+        log_files(*tracked, sorted(p for p in stage.iterdir() if p.suffix in ARTIFACT_SUFFIXES))
     if remote:
         for path in sorted(stage.iterdir()):
             storage.upload_file(path, storage.join(folder, path.name))

@@ -35,6 +35,14 @@ from ar_ray.members import (
     with_snapshots,
 )
 from ar_ray.metrics import classification_metrics, reliability_table, top_k_correct
+from ar_ray.mlflow_tracking import (
+    ARTIFACT_SUFFIXES,
+    Tracking,
+    log_files,
+    log_table,
+    record_fit,
+    tracked_run,
+)
 from ar_ray.outputs import atomic_write_csv, environment_info
 from ar_ray.predictions import predictions_frame
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE
@@ -268,13 +276,31 @@ def run_ensemble(
     record: TuneRecord,
     splits: DatasetSplits,
     options: TrainOptions,
+    tracking: Tracking | None = None,
+    resume: bool = False,
 ) -> EnsembleResult:
     """Train (or reuse) the members, predict val/test on actors, fit weights, write outputs.
 
     The caller decides what may be overwritten (`prepare_ensemble_dir`) before calling.
+    Tracked, it is MLflow's parent run of its members' (`resume`: the one it left).
     """
-    run = storage.resolve(request.run)
     specs = plan_members(request, record)
+    with tracked_run(
+        tracking, "ensemble", f"ensemble of {len(specs)}", kind="ensemble",
+        params=asdict(request), resume=resume,
+    ) as parent:  # fmt: skip
+        options = replace(options, tracking=tracking, parent_run=parent)
+        return _run_ensemble(request, record, specs, splits, options)
+
+
+def _run_ensemble(
+    request: EnsembleRequest,
+    record: TuneRecord,
+    specs: list[MemberSpec],
+    splits: DatasetSplits,
+    options: TrainOptions,
+) -> EnsembleResult:
+    run = storage.resolve(request.run)
     names = [s.member_id for s in specs]
     stage, remote = _stage(run)
     selection = _selection(specs)
@@ -304,6 +330,7 @@ def run_ensemble(
         summary=result.summary_lines(),
     )
     _saved_ensemble(request, record, splits, names, fit, pool).save(stage)
+    _track_outputs(options, run, specs, status, metrics, stage)
     if remote:
         _publish(stage, run)
     return result
@@ -450,6 +477,38 @@ def _saved_ensemble(
     )
 
 
+def _history(run: str, spec: MemberSpec) -> pd.DataFrame:
+    """A member's epochs (its metrics.csv), however it came to be: trained, reused, snapshot."""
+    text = storage.read_text(storage.join(member_dir(run, spec.member_id), "metrics.csv"))
+    return pd.read_csv(io.StringIO(text))
+
+
+def _track_outputs(
+    options: TrainOptions,
+    run: str,
+    specs: list[MemberSpec],
+    status: dict[str, str],
+    metrics: pd.DataFrame,
+    stage: Path,
+) -> None:
+    """MLflow's parent run gets the ensembles' scores and the outputs (ARTIFACT_SUFFIXES: metrics,
+    weights, members, report and plots); a member that did not train now (a reused trial, a
+    snapshot) gets a finished run from its metrics.csv, unless it has one."""
+    tracking, parent = options.tracking, options.parent_run
+    if tracking is None or parent is None:
+        return
+    for spec in specs:
+        if status[spec.member_id] != "trained":
+            record_fit(
+                tracking, f"member/{spec.member_id}", spec.member_id,
+                _history(run, spec).to_dict("records"), kind="member",
+                params=spec.config.to_dict(), tags={"status": status[spec.member_id]},
+                parent=parent,
+            )  # fmt: skip
+    log_table(tracking, parent, metrics[metrics["kind"] == "ensemble"])
+    log_files(tracking, parent, sorted(p for p in stage.iterdir() if p.suffix in ARTIFACT_SUFFIXES))
+
+
 def _member_runs(run: str, specs: list[MemberSpec]) -> pd.DataFrame:
     """Where and when each member trained, and what it held (from its epochs' records).
 
@@ -457,8 +516,7 @@ def _member_runs(run: str, specs: list[MemberSpec]) -> pd.DataFrame:
     """
     rows = []
     for spec in specs:
-        text = storage.read_text(storage.join(member_dir(run, spec.member_id), "metrics.csv"))
-        history = pd.read_csv(io.StringIO(text))
+        history = _history(run, spec)
         rows.append(
             {
                 "member": spec.member_id,

@@ -1,4 +1,4 @@
-"""Optional extras (`ar-ray[export]`, `ar-ray[serve]`): asked for by name, before any work.
+"""Optional extras (`ar-ray[export]`, `[serve]`, `[mlflow]`): asked for by name, before any work.
 
 A command whose extra is missing fails with one line naming the package and the pip command
 that installs it, rather than with an ImportError from deep inside its first import.
@@ -13,6 +13,7 @@ from ar_ray.errors import UserError
 EXTRA_PACKAGES = {
     "export": ("onnx", "onnxruntime", "onnxscript"),  # onnxscript: torch.onnx's exporter
     "serve": ("fastapi", "starlette", "uvicorn", "python_multipart"),  # ray[serve] + forms
+    "mlflow": ("mlflow",),  # --track mlflow
 }
 
 

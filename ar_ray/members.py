@@ -32,6 +32,7 @@ from ar_ray.config import RecipeConfig, cycle_ends
 from ar_ray.data import DatasetSplits
 from ar_ray.errors import UserError
 from ar_ray.leaderboard import config_for_row, finished_trials, searched_columns
+from ar_ray.mlflow_tracking import EpochMetrics, Tracking, tracked_run
 from ar_ray.progress import MemberProgress, ProgressHandle, quiet_train_reports
 from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ar_ray.resources import Resources
@@ -210,6 +211,8 @@ def worker_fit(loop_config: dict[str, Any], name: str, **fit_options: Any) -> No
     after_epoch = [progress.reporter(name, config.epochs)] if progress else []
     if rank_zero and loop_config.get("tensorboard"):
         after_epoch.append(EpochScalars(loop_config["tensorboard"]))
+    if rank_zero and loop_config.get("mlflow"):
+        after_epoch.append(EpochMetrics(*loop_config["mlflow"]))
     session = RaySession(
         ray.train.get_checkpoint,
         ray.train.report,
@@ -250,6 +253,8 @@ class TrainOptions:
     worker: Resources = field(default_factory=Resources)  # each DDP worker's request
     max_concurrent: int | None = None  # members training at once; None: all of them
     max_failures: int = 3
+    tracking: Tracking | None = None  # MLflow: a run per fit, each under `parent_run`
+    parent_run: str | None = None
 
 
 def member_dir(root: str, member_id: str) -> str:
@@ -259,6 +264,11 @@ def member_dir(root: str, member_id: str) -> str:
 def finished_member(root: str, spec: MemberSpec) -> bool:
     """A member is done when its final checkpoint was published (written last, atomically)."""
     return storage.exists(storage.join(member_dir(root, spec.member_id), CHECKPOINT_FILE))
+
+
+def fit_tags(options: TrainOptions) -> dict[str, str]:
+    """What a tracked fit holds: its DDP workers and each one's request."""
+    return {"workers": str(options.workers_per_member), "worker": options.worker.describe()}
 
 
 def train_member(
@@ -273,24 +283,38 @@ def train_member(
     """Fit one member; a re-run with the same id resumes from its latest Train checkpoint.
 
     Rank 0 publishes each of `snapshots` (this member's) at its epoch, through storage, so
-    to a bucket too: Train's own checkpoints of that epoch are gone by the end."""
-    result = fit_on_train(
-        train_loop,
-        {
-            "config": spec.config.to_dict(),
-            "splits": splits_ref,
-            "member_id": spec.member_id,
-            "progress": progress,
-            "tensorboard": storage.join(member_dir(options.root, spec.member_id), TENSORBOARD_DIR),
-            "snapshots": [
-                (s.snapshot_epoch, s, member_dir(options.root, s.member_id)) for s in snapshots
-            ],
-        },
+    to a bucket too: Train's own checkpoints of that epoch are gone by the end. Tracked,
+    the member's MLflow run (the one under the same parent, when resumed) gets its epochs."""
+    with tracked_run(
+        options.tracking,
+        f"member/{spec.member_id}",
         spec.member_id,
-        storage.join(options.root, MEMBERS_DIR),
-        options,
-        backend,
-    )
+        kind="member",
+        params=spec.config.to_dict(),
+        tags=fit_tags(options),
+        parent=options.parent_run,
+        resume=True,
+    ) as run_id:
+        result = fit_on_train(
+            train_loop,
+            {
+                "config": spec.config.to_dict(),
+                "splits": splits_ref,
+                "member_id": spec.member_id,
+                "progress": progress,
+                "tensorboard": storage.join(
+                    member_dir(options.root, spec.member_id), TENSORBOARD_DIR
+                ),
+                "mlflow": None if run_id is None else (options.tracking, run_id),
+                "snapshots": [
+                    (s.snapshot_epoch, s, member_dir(options.root, s.member_id)) for s in snapshots
+                ],
+            },
+            spec.member_id,
+            storage.join(options.root, MEMBERS_DIR),
+            options,
+            backend,
+        )
     with result.checkpoint.as_directory() as local:
         weights = Path(local) / CHECKPOINT_FILE
         return publish_member(

@@ -32,7 +32,7 @@ from ar_ray.progress import format_duration
 from ar_ray.ray_output import tune_verbosity
 from ar_ray.search_space import SearchSpace
 from ar_ray.trial_progress import TrialProgress
-from ar_ray.tune_request import TuneRequest, budget_marker, trial_resources
+from ar_ray.tune_request import TuneRequest, budget_marker, experiment_root, trial_resources
 
 METRIC, MODE = "val_top1", "max"
 
@@ -68,6 +68,19 @@ def report_in_phase(
     tune.report({**metrics, PHASE_EPOCH: metrics["epoch"] - start}, checkpoint=checkpoint)
 
 
+def trial_values(
+    params: dict[str, Any], base: dict[str, Any], parents: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A trial's whole config: the fixed values, then (stage two) its parent's sampled ones,
+    then its own; what it trains and what MLflow records as its params."""
+    values = {**base, **params}
+    parent = values.pop("stage1_trial", None)
+    if parent is not None:
+        values = {**values, **parents[parent]["params"], **params}
+        values.pop("stage1_trial")
+    return values
+
+
 def run_trial(
     params: dict[str, Any],
     *,
@@ -82,17 +95,13 @@ def run_trial(
     A stage-one trial stops at `until_epoch`. A stage-two trial's `stage1_trial` names its
     parent in `parents`: it runs the parent's values with its own and, unless Tune hands it
     a checkpoint of its own (a retry), resumes the parent's checkpoint at `start`."""
-    values, start_from = {**base, **params}, None
-    parent = values.pop("stage1_trial", None)
-    if parent is not None:
-        values = {**values, **parents[parent]["params"], **params}
-        values.pop("stage1_trial")
-        start_from = parents[parent]["checkpoint"]
+    parent = params.get("stage1_trial")
+    start_from = None if parent is None else parents[parent]["checkpoint"]
     session = RaySession(
         tune.get_checkpoint, partial(report_in_phase, start=start), tune.Checkpoint
     )
     checkpointed_fit(
-        RecipeConfig.from_dict(values),
+        RecipeConfig.from_dict(trial_values(params, base, parents)),
         splits,
         session,
         assigned_device(),
@@ -127,6 +136,17 @@ class Phase:
     @property
     def last_epoch(self) -> int:
         return self.record.start + self.record.epochs
+
+
+def _trial_runs(request: TuneRequest, phase: Phase) -> list[tune.Callback]:
+    """MLflow's runs of the phase's trials, when the search is tracked."""
+    if request.tracking_uri is None:
+        return []
+    from ar_ray.mlflow_tracking import TrialRuns
+
+    resolve = partial(trial_values, base=phase.base.to_dict(), parents=phase.trial.get("parents"))
+    name = phase.folder.rstrip("/").rsplit("/", 1)[1]
+    return [TrialRuns(request.tracking_uri, experiment_root(request), resolve, name)]
 
 
 def _build_tuner(
@@ -170,7 +190,7 @@ def _build_tuner(
             failure_config=tune.FailureConfig(max_failures=request.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=tune_verbosity(verbose),
-            callbacks=[TrialProgress(phase.last_epoch, hours_line)],
+            callbacks=[TrialProgress(phase.last_epoch, hours_line), *_trial_runs(request, phase)],
             stop=None if budget is None else TimeBudget(budget, budget_marker(request)),
         ),
     )

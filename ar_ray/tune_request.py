@@ -41,6 +41,7 @@ class TuneRequest:
     seed: int = 0
     time_budget: float | None = None  # seconds of search; None: no limit
     optuna_storage: str | None = None  # a database URL for the studies; None: in memory
+    tracking_uri: str | None = None  # the MLflow server its trials log to; None: untracked
 
 
 BUDGET_REACHED = "time_budget_reached"

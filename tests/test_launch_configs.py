@@ -221,8 +221,9 @@ RAY_REQUIREMENT = re.compile(r"(?<![\w-])ray\[([a-z,]+)\]")  # not ar-ray[...]
 def test_cluster_images_install_the_ray_extras_the_package_declares():
     """A node that lacks an extra ar-ray imports fails only when a job lands on it (Ray Data
     in the inference actors, the State API that frees an early-stopped trial's workers, Ray
-    Serve in a replica): every cluster installs Ray with ar-ray's own extras and serve's,
-    and ar-ray with its serve extra."""
+    Serve in a replica, MLflow's client in a tracked member's worker): every cluster
+    installs Ray with ar-ray's own extras and serve's, and ar-ray with its serve and mlflow
+    extras."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((LAUNCH.parent / "pyproject.toml").read_text())["project"]
     requirements = [*project["dependencies"], *project["optional-dependencies"]["serve"]]
@@ -233,4 +234,4 @@ def test_cluster_images_install_the_ray_extras_the_package_declares():
     for path in LAUNCH.glob("*.yaml"):
         installs = RAY_REQUIREMENT.findall(path.read_text())
         assert [set(extras.split(",")) for extras in installs] == [declared], path.name
-        assert "/home/ray/ar-ray[serve]" in path.read_text(), path.name
+        assert "/home/ray/ar-ray[serve,mlflow]" in path.read_text(), path.name
