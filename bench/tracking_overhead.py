@@ -1,8 +1,8 @@
 """What `--track mlflow` costs: a tracked search against the same search untracked, and
 each tracking call's latency, against a real `mlflow server` on 127.0.0.1.
 
-    .venv/bin/python bench/tracking_overhead.py           # full: ~8 min on a 2-CPU machine
-    .venv/bin/python bench/tracking_overhead.py --quick   # smoke check: ~3 min
+    .venv/bin/python bench/tracking_overhead.py           # full: ~4 min on a 2-CPU machine
+    .venv/bin/python bench/tracking_overhead.py --quick   # smoke check: ~1 min
 
 (a) `ar_ray.tune` over search_spaces/quick.yaml (built-in data, 10 images per class,
 4 trials of 3 epochs, no early stop, seed 0), tracked and untracked, alternating for
