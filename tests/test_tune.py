@@ -25,6 +25,7 @@ from ar_ray.search_space import load_search_space, parse_search_space
 from ar_ray.staged import first_rung
 from ar_ray.tune_phase import run_trial
 from ar_ray.tune_request import TuneRequest
+from tests.mlflow_server import mlflow_server
 
 pytestmark = pytest.mark.ray
 
@@ -160,6 +161,11 @@ def test_a_searched_mean_teacher_key_that_never_acts_is_refused(lines, fragment)
 
 
 def _terminated_trials(experiment: Path) -> set[str]:
+    return _trials(experiment, "TERMINATED")
+
+
+def _trials(experiment: Path, status: str) -> set[str]:
+    """The trials the experiment's last saved state (what a resume restores) has in `status`."""
     states = sorted(experiment.glob("experiment_state-*.json"))
     if not states:
         return set()
@@ -168,10 +174,32 @@ def _terminated_trials(experiment: Path) -> set[str]:
     except (json.JSONDecodeError, KeyError):
         return set()  # being rewritten
     metas = [json.loads(meta) for meta, _ in trials]
-    return {meta["trial_id"] for meta in metas if meta["status"] == "TERMINATED"}
+    return {meta["trial_id"] for meta in metas if meta["status"] == status}
 
 
-def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path):
+def _running_trial_runs(uri: str, experiment: str) -> set[str]:
+    """The trials whose MLflow run is open: a killed driver leaves them so."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return set()
+    query = "tags.`ar_ray.kind` = 'trial' and attributes.status = 'RUNNING'"
+    return {
+        run.info.run_name.split("/")[-1] for run in client.search_runs([found.experiment_id], query)
+    }
+
+
+@pytest.fixture
+def mlflow_uri():
+    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'ar-ray[mlflow]'")
+    with mlflow_server() as uri:
+        yield uri
+
+
+def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path, mlflow_uri):
+    """...and goes on in the same stored Optuna study and the same MLflow runs."""
     address = ray.get_runtime_context().gcs_address
     args = [
         sys.executable,
@@ -196,6 +224,10 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
         "1",
         "--optuna-storage",
         f"sqlite:///{tmp_path}/study.db",
+        "--track",
+        "mlflow",
+        "--tracking-uri",
+        mlflow_uri,
     ]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save experiment state often
     driver = subprocess.Popen(
@@ -203,11 +235,17 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
     )
     experiment = tmp_path / "k" / "tune"
     deadline = time.monotonic() + 300
-    while not _terminated_trials(experiment) and time.monotonic() < deadline:
+    # killed once a trial finished and another runs with its MLflow run open, both saved
+    while time.monotonic() < deadline:
         assert driver.poll() is None, "driver ended before it could be killed"
+        running = _trials(experiment, "RUNNING")
+        if _terminated_trials(experiment) and running & _running_trial_runs(
+            mlflow_uri, str(tmp_path / "k")
+        ):
+            break
         time.sleep(0.5)
     finished = _terminated_trials(experiment)
-    assert finished, "no trial finished in time"
+    assert finished and running, "no trial finished while another ran, in time"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert not (experiment / "leaderboard.csv").exists()
@@ -231,6 +269,19 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path)
     assert sorted(by_ray) == sorted(board["trial_id"]) and len(study.trials) == 4
     assert list(board["optuna_state"]) == [by_ray[t] for t in board["trial_id"]]
     assert set(by_ray.values()) <= {"COMPLETE", "PRUNED"}
+    # ... and in the same MLflow runs: one per Ray trial, the interrupted ones finished now
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    (found,) = [e for e in client.search_experiments() if e.name == str(tmp_path / "k")]
+    runs = client.search_runs([found.experiment_id], "tags.`ar_ray.kind` = 'trial'")
+    by_name = {run.info.run_name.split("/")[-1]: run for run in runs}
+    assert sorted(by_name) == sorted(board["trial_id"]) and len(runs) == 4
+    for row in board.to_dict("records"):
+        run = by_name[row["trial_id"]]
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val_top1")
+        assert {m.step for m in history} == set(range(1, row["epochs_run"] + 1))
 
 
 def _result_lines(experiment: Path, trial_id: str) -> list[str]:
