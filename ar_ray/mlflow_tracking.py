@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,15 +55,30 @@ QUICK_CLIENT = {
 }
 
 
+# how the driver reaches the server (auth, TLS), which a Train worker on another node, or
+# started before the driver set them, does not have
+CONNECTION_VARIABLES = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+)
+
+
 @dataclass(frozen=True)
 class Tracking:
-    """Where a command's runs go: the tracking server and the run folder's experiment."""
+    """Where a command's runs go: the tracking server and the run folder's experiment, and
+    the driver's CONNECTION_VARIABLES, which travel with it to the Train workers (never
+    printed: a password may be among them)."""
 
     uri: str
     experiment_id: str
+    connection: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def client(self) -> MlflowClient:
-        for variable, value in QUICK_CLIENT.items():
+        for variable, value in (*QUICK_CLIENT.items(), *self.connection):
             os.environ.setdefault(variable, value)
         from mlflow import MlflowClient
 
@@ -94,18 +109,21 @@ def tracking_uri(track: str | None, uri: str | None) -> str | None:
 def open_experiment(uri: str, run_root: str) -> Tracking:
     """The run folder's experiment on the server, created the first time; before Ray starts,
     so a wrong URI or a server that is down fails in seconds, in one line."""
+    connection = tuple(
+        (name, os.environ[name]) for name in CONNECTION_VARIABLES if name in os.environ
+    )
     try:
-        client = Tracking(uri, "").client()
+        client = Tracking(uri, "", connection).client()
         experiment = client.get_experiment_by_name(run_root)
         if experiment is None:
-            return Tracking(uri, client.create_experiment(run_root))
+            return Tracking(uri, client.create_experiment(run_root), connection)
     except Exception as error:  # any failure to reach or use the server, told in one line
         raise UserError(
             f"--tracking-uri {uri}: no MLflow server answered: {_first_line(error)}"
         ) from None
     if experiment.lifecycle_stage == "deleted":
         raise UserError(f"--tracking-uri {uri}: experiment {run_root} was deleted; restore it")
-    return Tracking(uri, experiment.experiment_id)
+    return Tracking(uri, experiment.experiment_id, connection)
 
 
 def start_tracking(track: str | None, uri: str | None, run_root: str) -> Tracking | None:

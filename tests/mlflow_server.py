@@ -23,9 +23,13 @@ from tests.helpers import free_port
 START_SECONDS = 180  # ~12 s here; a loaded CI machine is slower
 
 
+ADMIN = "admin"  # the basic-auth app's first user
+
+
 @contextmanager
-def mlflow_server() -> Iterator[str]:
-    """A running server; yields its URI (what --tracking-uri takes)."""
+def mlflow_server(password: str | None = None) -> Iterator[str]:
+    """A running server; yields its URI (what --tracking-uri takes). With `password`, MLflow's
+    basic-auth app (`mlflow[auth]`) answers only user ADMIN with that password (12+ chars)."""
     folder = Path(tempfile.mkdtemp(prefix="ar-ray-mlflow-"))
     port = free_port()
     command = [
@@ -33,8 +37,14 @@ def mlflow_server() -> Iterator[str]:
         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
         "--artifacts-destination", str(folder / "artifacts"),
     ]  # fmt: skip
+    env = dict(os.environ)
+    if password is not None:  # its user database goes in `folder`, the working directory
+        command += ["--app-name", "basic-auth"]
+        env |= {"MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
     log = (folder / "server.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_until_healthy(uri, server, folder / "server.log")

@@ -28,7 +28,7 @@ from ar_ray.mlflow_tracking import (
     tracking_uri,
 )
 from tests.helpers import assert_user_error, free_port
-from tests.mlflow_server import mlflow_server
+from tests.mlflow_server import ADMIN, mlflow_server
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'ar-ray[mlflow]'")
 
@@ -150,6 +150,25 @@ def test_a_resumed_ensemble_continues_its_runs(tracked, server):
     assert after == before == {"ensemble": 1, "member": 2}
     (parent,) = _runs(client, run, "ensemble")
     assert parent.info.status == "FINISHED"
+
+
+def test_train_workers_reach_a_server_that_asks_for_a_password(ray_cluster, tmp_path, monkeypatch):
+    """The password is set in the driver only, after Ray started its workers: a member's
+    epochs reach the server from its Train worker because the run's tracking carries it."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app: pip install 'mlflow[auth]'")
+    password = "ar-ray-test-password"
+    tuned = ar_ray.tune(
+        QUICK, trials=1, epochs=1, limit_per_class=10, storage=str(tmp_path), name="a"
+    )
+    with mlflow_server(password=password) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        assert password not in repr(open_experiment(uri, tuned.run))
+        ar_ray.ensemble(tuned, members=1, epochs=1, retrain=True, track="mlflow", tracking_uri=uri)
+        (member,) = _runs(mlflow.MlflowClient(uri), Path(tuned.run), "member")
+        history = _history(mlflow.MlflowClient(uri), member.info.run_id, "val_top1")
+    epochs = _csv(tmp_path / "a" / "members" / member.info.run_name / "metrics.csv")
+    assert history == pytest.approx(dict(zip(epochs["epoch"], epochs["val_top1"], strict=True)))
 
 
 def test_a_server_that_goes_down_costs_warnings_never_the_run(no_retries, capsys):
