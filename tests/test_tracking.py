@@ -171,6 +171,18 @@ def test_train_workers_reach_a_server_that_asks_for_a_password(ray_cluster, tmp_
     assert history == pytest.approx(dict(zip(epochs["epoch"], epochs["val_top1"], strict=True)))
 
 
+def test_a_resumed_search_whose_server_is_gone_still_finishes(
+    ray_cluster, tmp_path, no_retries, capfd
+):
+    """The URI is recorded, so `--resume` tracks again; a server gone by then is a warning."""
+    options = {"trials": 1, "epochs": 1, "limit_per_class": 10, "storage": str(tmp_path)}
+    with mlflow_server() as uri:
+        ar_ray.tune(QUICK, name="g", track="mlflow", tracking_uri=uri, **options)
+    resumed = ar_ray.tune(QUICK, name="g", resume=True, **options)
+    assert len(resumed.leaderboard) == 1
+    assert f"warning: MLflow tracking to {uri} failed; the run goes on" in capfd.readouterr().err
+
+
 def test_a_server_that_goes_down_costs_warnings_never_the_run(no_retries, capsys):
     """Every tracking call against a refused port: each warns and returns."""
     down = Tracking(f"http://127.0.0.1:{free_port()}", "1")
