@@ -160,7 +160,7 @@ def _params(values: Mapping[str, Any]) -> list:
 
 
 def _log_batch(client: MlflowClient, run_id: str, metrics: list = (), params: list = ()) -> None:
-    """MLflow takes at most 1,000 metrics and 100 params per request."""
+    """Requests of at most 100 of each: MLflow's limit for params (1,000 for metrics)."""
     for start in range(0, max(len(metrics), len(params)), 100):
         client.log_batch(
             run_id, metrics=metrics[start : start + 100], params=params[start : start + 100]
