@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -367,10 +368,9 @@ def tune(
     if plan_only:
         return TuneResult(leaderboard=pd.DataFrame(), run=experiment_root(request), plan=plan)
     store.ensure_writable(experiment_root(request))
-    if request.tracking_uri is not None and not resume:  # a server that is down: one line
-        open_experiment(request.tracking_uri, experiment_root(request))
-    elif request.tracking_uri is not None:  # the run goes on, as if the server went down now
-        with tolerated(f"tracking to {request.tracking_uri}"):
+    if request.tracking_uri is not None:  # a server that is down: one line; on resume, the
+        # run goes on with a warning, as if the server went down now
+        with tolerated(f"tracking to {request.tracking_uri}") if resume else nullcontext():
             open_experiment(request.tracking_uri, experiment_root(request))
     if not resume:
         prepare_experiment_dir(experiment_dir(request), resume=False, overwrite=overwrite)

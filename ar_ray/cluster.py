@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import ray
 import torch
 
-from ar_ray.errors import UserError
+from ar_ray.errors import UserError, first_line
 from ar_ray.interrupts import treat_sigterm_as_interrupt
 from ar_ray.resources import loader_workers_for
 
@@ -36,8 +36,7 @@ def _init(address: str | None) -> bool:
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise UserError(f"--address {address}: cannot join Ray ({first_line})") from None
+            raise UserError(f"--address {address}: cannot join Ray ({first_line(error)})") from None
         return False
     # "local": a Ray of its own, never one a `ray start` left running on this machine
     ray.init(address="local", dashboard_host="127.0.0.1")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from ray import tune
 
-from ar_ray.errors import Interrupted, UserError
+from ar_ray.errors import Interrupted, UserError, first_line
 from ar_ray.extras import require_extra
 
 if TYPE_CHECKING:
@@ -85,9 +85,10 @@ class Tracking:
         return MlflowClient(self.uri)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+def _described(error: BaseException) -> str:
+    """The error's type and the first 200 characters of its first line."""
+    line, name = first_line(error)[:200], type(error).__name__
+    return name if line == name else f"{name}: {line}"
 
 
 def tracking_uri(track: str | None, uri: str | None) -> str | None:
@@ -119,7 +120,7 @@ def open_experiment(uri: str, run_root: str) -> Tracking:
             return Tracking(uri, client.create_experiment(run_root), connection)
     except Exception as error:  # any failure to reach or use the server, told in one line
         raise UserError(
-            f"--tracking-uri {uri}: no MLflow server answered: {_first_line(error)}"
+            f"--tracking-uri {uri}: no MLflow server answered: {_described(error)}"
         ) from None
     if experiment.lifecycle_stage == "deleted":
         raise UserError(f"--tracking-uri {uri}: experiment {run_root} was deleted; restore it")
@@ -138,7 +139,7 @@ def tolerated(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # tracking is never worth a run
-        print(f"warning: MLflow {what} failed; the run goes on: {_first_line(error)}",
+        print(f"warning: MLflow {what} failed; the run goes on: {_described(error)}",
               file=sys.stderr, flush=True)  # fmt: skip
 
 
@@ -241,10 +242,11 @@ def log_files(tracking: Tracking, run_id: str | None, files: Sequence[Path]) -> 
                 client.log_artifact(run_id, str(path))
 
 
-def close_run(tracking: Tracking, run_id: str | None, failed: bool = False) -> None:
+def close_run(tracking: Tracking, run_id: str | None, status: str = "FINISHED") -> None:
+    """End the run as `status`: FINISHED, FAILED or KILLED."""
     if run_id is not None:
         with tolerated(f"end of run {run_id}"):
-            tracking.client().set_terminated(run_id, "FAILED" if failed else "FINISHED")
+            tracking.client().set_terminated(run_id, status)
 
 
 def record_fit(
@@ -277,12 +279,10 @@ def tracked_run(tracking: Tracking | None, key: str, name: str, **run: Any) -> I
     try:
         yield run_id
     except (KeyboardInterrupt, Interrupted):
-        if run_id is not None:
-            with tolerated(f"end of run {run_id}"):
-                tracking.client().set_terminated(run_id, "KILLED")
+        close_run(tracking, run_id, "KILLED")
         raise
     except BaseException:
-        close_run(tracking, run_id, failed=True)
+        close_run(tracking, run_id, "FAILED")
         raise
     close_run(tracking, run_id)
 
@@ -361,4 +361,4 @@ class TrialRuns(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self.runs:
-            close_run(self.tracking, self.runs[trial.trial_id], failed=True)
+            close_run(self.tracking, self.runs[trial.trial_id], "FAILED")

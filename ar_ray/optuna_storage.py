@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 
-from ar_ray.errors import UserError
+from ar_ray.errors import UserError, first_line
 from ar_ray.leaderboard import TUNE_DIR
 
 SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -41,8 +41,9 @@ def check_url(url: str) -> str:
     try:
         optuna.storages.RDBStorage(url)
     except Exception as error:  # SQLAlchemy's and the drivers' errors have no common base
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--optuna-storage {shown(url)}: cannot open ({first})") from None
+        raise UserError(
+            f"--optuna-storage {shown(url)}: cannot open ({first_line(error)})"
+        ) from None
     return url
 
 

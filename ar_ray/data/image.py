@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ar_ray.data.splits import DataError
+from ar_ray.errors import first_line
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
@@ -131,11 +132,7 @@ def decode_image_bytes(
 
 def unreadable_file(name: str, error: OSError) -> str:
     """The one-line message for a file that could not even be read (gone, no permission)."""
-    return f"{name}: cannot read the file ({_first_line(error)})"
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{name}: cannot read the file ({first_line(error)})"
 
 
 def _bad_image_reason(error: Exception, empty: bool) -> str:
@@ -145,7 +142,7 @@ def _bad_image_reason(error: Exception, empty: bool) -> str:
     if isinstance(error, MislabelledImage):
         return f"{error}; rename it or pass --skip-bad-images"
     if isinstance(error, OVERSIZED):
-        return f"image too large ({_first_line(error)})"
+        return f"image too large ({first_line(error)})"
     if isinstance(error, UnidentifiedImageError):  # its own message repeats the path
         return "not an image PIL can decode (corrupt or unknown format)"
-    return f"unreadable or corrupt image ({_first_line(error)})"
+    return f"unreadable or corrupt image ({first_line(error)})"
