@@ -22,7 +22,7 @@ from ar_ray.data import DatasetSplits
 from ar_ray.members import TrainOptions, ddp_backend, fit_on_train, worker_device, worker_fit
 from ar_ray.mlflow_tracking import Tracking
 from ar_ray.progress import MemberProgress
-from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, inference_model, load_checkpoint
+from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
 from ar_ray.recipe.distillation import EnsembleTeacher, distillation_objective
 from ar_ray.recipe.models import place_model
 from ar_ray.saved_ensemble import SavedEnsemble
@@ -66,10 +66,11 @@ def train_student(
     label_weight: float,
     folder: str,
     tracked: tuple[Tracking, str] | None = None,
-) -> Path:
-    """Train (or resume, by `name`) the student under `folder/train`; return a local copy
-    of its final checkpoint (the caller publishes it). Only the train split is shipped:
-    val and test stay held out (val is scored each epoch, never trained on).
+) -> ray.train.Checkpoint:
+    """Train (or resume, by `name`) the student under `folder/train`; return its final
+    checkpoint (the caller publishes it, as a member's is, leaving no copy behind). Only the
+    train split is shipped: val and test stay held out (val is scored each epoch, never
+    trained on).
 
     The fit runs in a thread and the main thread waits in short steps, so Ctrl+C (or
     SIGTERM) reaches it: the epochs done are in Train's checkpoints, for `--resume`."""
@@ -103,7 +104,4 @@ def train_student(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         progress.close()
-    local = Path(tempfile.mkdtemp(prefix="ar-ray-student-")) / CHECKPOINT_FILE
-    with result.checkpoint.as_directory() as trained:
-        local.write_bytes((Path(trained) / CHECKPOINT_FILE).read_bytes())
-    return local
+    return result.checkpoint

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -210,13 +208,6 @@ def describe_plan(plan: DistillPlan, request: DistillRequest) -> str:
     )
 
 
-def _stage(folder: str) -> tuple[Path, bool]:
-    if storage.is_uri(folder):
-        return Path(tempfile.mkdtemp(prefix="ar-ray-distill-")), True
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return Path(folder), False
-
-
 def run_distill(
     request: DistillRequest,
     plan: DistillPlan,
@@ -254,7 +245,7 @@ def _run_distill(
         text = storage.read_text(storage.join(folder, "history.csv"))
         history = pd.read_csv(io.StringIO(text))
     else:
-        local = train_student(
+        checkpoint = train_student(
             plan.name,
             plan.config,
             plan.saved,
@@ -265,23 +256,21 @@ def _run_distill(
             folder=folder,
             tracked=tracked,
         )
-        history = publish_student(local, plan.config, folder)
-        shutil.rmtree(local.parent, ignore_errors=True)
+        with checkpoint.as_directory() as trained:
+            history = publish_student(Path(trained) / CHECKPOINT_FILE, plan.config, folder)
     best = storage.join(root, MEMBERS_DIR, plan.best, CHECKPOINT_FILE)
     scored = remote_score_and_time(
         plan.worker, storage.join(folder, CHECKPOINT_FILE), best, plan.saved, splits
     )
     metrics = metrics_frame(root, plan.best, {"val": scored["val"], "test": scored["test"]})
     speed = pd.DataFrame(scored["speed"])
-    stage, remote = _stage(folder)
     title = f"ar-ray distill: {plan.config.arch} student of {len(plan.saved.members)} members"
-    summary = write_outputs(stage, metrics, speed, history, title)
-    saved_student(plan.saved, plan.config, plan.name, request).save(stage)  # predict's record
-    if tracked is not None:
-        log_table(*tracked, metrics)  # the student beside the ensemble and its best member
-        log_files(*tracked, sorted(p for p in stage.iterdir() if p.suffix in ARTIFACT_SUFFIXES))
-    if remote:
-        for path in sorted(stage.iterdir()):
-            storage.upload_file(path, storage.join(folder, path.name))
-        shutil.rmtree(stage)
+    with storage.staged_folder(folder) as stage:
+        summary = write_outputs(stage, metrics, speed, history, title)
+        student = saved_student(plan.saved, plan.config, plan.name, request)
+        student.save(stage)  # what predict and serve load
+        if tracked is not None:
+            log_table(*tracked, metrics)  # the student beside the ensemble and its best member
+            artifacts = sorted(p for p in stage.iterdir() if p.suffix in ARTIFACT_SUFFIXES)
+            log_files(*tracked, artifacts)
     return DistillResult(metrics, speed, root, plan.name, summary)

@@ -8,8 +8,6 @@ are out of fold (`cross_fit`), and `metrics.csv` says so in its `estimate` colum
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -202,20 +200,6 @@ def val_folds(request: EnsembleRequest, val_labels: np.ndarray) -> np.ndarray:
         raise UserError(f"val: {error}") from None
 
 
-def _stage(run: str) -> tuple[Path, bool]:
-    """Outputs are written in a local folder; for a URI run that folder is uploaded after."""
-    folder = storage.join(run, ENSEMBLE_DIR)
-    if storage.is_uri(run):
-        return Path(tempfile.mkdtemp(prefix="ar-ray-ensemble-")), True
-    return Path(folder), False
-
-
-def _publish(stage: Path, run: str) -> None:
-    for path in sorted(stage.iterdir()):
-        storage.upload_file(path, storage.join(run, ENSEMBLE_DIR, path.name))
-    shutil.rmtree(stage)
-
-
 def prepare_ensemble_dir(run: str, *, resume: bool, overwrite: bool) -> None:
     """A second run into the same folder must be asked for: --resume reuses finished members."""
     folders = [storage.join(run, ENSEMBLE_DIR), storage.join(run, "members")]
@@ -302,38 +286,38 @@ def _run_ensemble(
 ) -> EnsembleResult:
     run = storage.resolve(request.run)
     names = [s.member_id for s in specs]
-    stage, remote = _stage(run)
-    selection = _selection(specs)
-    atomic_write_csv(stage / "members.csv", selection)
-    fold_of = val_folds(request, splits.val.labels)
-    status = train_members(specs, splits, options)
-    pool = request.inference_options()
-    val, test = _member_probs(_checkpoints(run, specs), splits, request.tta, pool, stage)
-    fit = _cross_fit_val(val, splits, fold_of, request.greedy_size, stage)
-    scored = [_Scored("val", val, splits.val.labels, fit.out_of_fold)]
-    scored += _test_outputs(test, fit, splits, stage)
-    best = best_member(val, splits.val.labels)
-    metrics = pd.DataFrame([row for part in scored for row in _metric_rows(part, names, best)])
-    weights = _weights_frame(fit, names, metrics)
-    selection["status"] = selection["member"].map(status)
-    members = selection.merge(_member_runs(run, specs)).join(_member_roles(val, splits, fit))
-    atomic_write_csv(stage / "members.csv", members)
-    atomic_write_csv(stage / "weights.csv", weights)
-    atomic_write_csv(stage / "metrics.csv", metrics)
-    result = EnsembleResult(metrics, fit.chosen, run, best_member=names[best], reason=fit.reason)
-    write_report(
-        stage,
-        metrics=metrics,
-        weights=weights,
-        reliability=_reliability(scored[-1]),
-        title=f"ar-ray ensemble of {len(specs)} members ({fit.chosen} weights, {request.tta})",
-        summary=result.summary_lines(),
-    )
-    _saved_ensemble(request, record, splits, names, fit, pool).save(stage)
-    _track_outputs(options, run, specs, status, metrics, stage)
-    if remote:
-        _publish(stage, run)
-    return result
+    with storage.staged_folder(storage.join(run, ENSEMBLE_DIR)) as stage:
+        selection = _selection(specs)
+        atomic_write_csv(stage / "members.csv", selection)
+        fold_of = val_folds(request, splits.val.labels)
+        status = train_members(specs, splits, options)
+        pool = request.inference_options()
+        val, test = _member_probs(_checkpoints(run, specs), splits, request.tta, pool, stage)
+        fit = _cross_fit_val(val, splits, fold_of, request.greedy_size, stage)
+        scored = [_Scored("val", val, splits.val.labels, fit.out_of_fold)]
+        scored += _test_outputs(test, fit, splits, stage)
+        best = best_member(val, splits.val.labels)
+        metrics = pd.DataFrame([row for part in scored for row in _metric_rows(part, names, best)])
+        weights = _weights_frame(fit, names, metrics)
+        selection["status"] = selection["member"].map(status)
+        members = selection.merge(_member_runs(run, specs)).join(_member_roles(val, splits, fit))
+        atomic_write_csv(stage / "members.csv", members)
+        atomic_write_csv(stage / "weights.csv", weights)
+        atomic_write_csv(stage / "metrics.csv", metrics)
+        result = EnsembleResult(
+            metrics, fit.chosen, run, best_member=names[best], reason=fit.reason
+        )
+        write_report(
+            stage,
+            metrics=metrics,
+            weights=weights,
+            reliability=_reliability(scored[-1]),
+            title=f"ar-ray ensemble of {len(specs)} members ({fit.chosen} weights, {request.tta})",
+            summary=result.summary_lines(),
+        )
+        _saved_ensemble(request, record, splits, names, fit, pool).save(stage)
+        _track_outputs(options, run, specs, status, metrics, stage)
+        return result
 
 
 def _member_roles(val: np.ndarray, splits: DatasetSplits, fit: CrossFit) -> pd.DataFrame:

@@ -152,6 +152,21 @@ def save_file(location: str, write: Callable[[str], None]) -> None:
         upload_file(local, location)
 
 
+@contextlib.contextmanager
+def staged_folder(location: str) -> Iterator[Path]:
+    """A local folder to write a command's outputs into, published at `location`: the folder
+    itself when local; for a URI, a temp folder whose files are uploaded when the block ends
+    without error, and which is removed either way, so a failed run leaves nothing in /tmp."""
+    if not is_uri(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="ar-ray-outputs-") as folder:
+        yield Path(folder)
+        for path in sorted(Path(folder).iterdir()):
+            upload_file(path, join(location, path.name))
+
+
 def remove_file(location: str) -> None:
     """Make sure `location` is gone; it need not exist."""
     if not is_uri(location):

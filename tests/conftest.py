@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # a small quota, so capacity (252 GB) hides what is free (~10-25 GB) and spilling fails early;
 # every Ray a test starts (here, in a subprocess, on a fake node) inherits this.
 os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Iterator[Path]:
+    """A module fixture's scratch folder, removed when the module's last test ends. pytest
+    keeps factory folders until the session ends, and a trained run holds several 138 MB
+    checkpoints: kept, they filled CI's disk (~6 GB) before the suite was done."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

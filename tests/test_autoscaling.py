@@ -54,8 +54,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def tuned(cluster, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("auto")
+def tuned(cluster, module_tmp):
+    storage = module_tmp
     workers_before = worker_nodes(cluster.address)
     result = run_cli(
         *("tune", "--space", QUICK, "--trials", "2", "--epochs", "1"),

@@ -9,6 +9,7 @@ the CLI joins it with `--address`, as it joins a cloud cluster.
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,28 @@ def test_a_bucket_prefix_behaves_like_a_folder(s3, tmp_path):
     assert not storage.exists(storage.join(root, "tune", "a.yaml"))
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
         storage.ensure_writable("s3://no-such-bucket/runs")
+
+
+def test_outputs_staged_for_a_bucket_are_uploaded_only_whole_and_never_left_in_tmp(
+    s3, tmp_path, monkeypatch
+):
+    """A command writes its outputs into a local stage that is uploaded when it ends: a
+    failure part-way uploads nothing, and neither way leaves the stage behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    root = s3.uri("staged/ensemble")
+    with pytest.raises(RuntimeError, match="interrupted"), storage.staged_folder(root) as stage:
+        (stage / "metrics.csv").write_text("a\n1\n")
+        raise RuntimeError("interrupted")
+    assert not storage.exists(root)
+    assert list(scratch.iterdir()) == []
+    with storage.staged_folder(root) as stage:
+        (stage / "metrics.csv").write_text("a\n1\n")
+        (stage / "report.md").write_text("# report\n")
+    assert sorted(s3.keys("staged/ensemble")) == ["metrics.csv", "report.md"]
+    assert s3.read("staged/ensemble/metrics.csv") == b"a\n1\n"
+    assert list(scratch.iterdir()) == []
 
 
 def _cli_ok(*args: str) -> str:

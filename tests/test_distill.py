@@ -112,9 +112,9 @@ def test_fit_minimises_the_objective_it_is_given(small_splits):
 
 
 @pytest.fixture(scope="module")
-def ensembled(ray_cluster, small_splits, tmp_path_factory):
+def ensembled(ray_cluster, small_splits, module_tmp):
     """tune (2 trials, 1 epoch) and an ensemble of them (reused trials: no member trains)."""
-    root = tmp_path_factory.mktemp("distill")
+    root = module_tmp
     request = TuneRequest(
         space=str(QUICK), trials=2, epochs=1, storage=str(root), name="d", limit_per_class=10
     )

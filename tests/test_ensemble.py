@@ -59,8 +59,8 @@ OUTPUTS = [
 
 
 @pytest.fixture(scope="module")
-def ensemble_run(ray_cluster, small_splits, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ens")
+def ensemble_run(ray_cluster, small_splits, module_tmp):
+    root = module_tmp
     request = TuneRequest(
         space=str(QUICK), trials=3, epochs=1, storage=str(root), name="e", limit_per_class=10
     )

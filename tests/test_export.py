@@ -36,9 +36,9 @@ def onnx_answer(path: Path, batch: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tencrop_run(tmp_path_factory):
+def tencrop_run(module_tmp):
     """A 2-member TenCrop ensemble with uneven weights and a temperature, exported."""
-    run = write_run(tmp_path_factory.mktemp("tencrop"), weights=[0.3, 0.7], tta="tencrop")
+    run = write_run(module_tmp, weights=[0.3, 0.7], tta="tencrop")
     return run, ar_ray.export(str(run))
 
 

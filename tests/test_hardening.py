@@ -30,9 +30,9 @@ QUICK = str(Path(__file__).parent.parent / "search_spaces" / "quick.yaml")
 
 
 @pytest.fixture(scope="module")
-def tuned(ray_cluster, small_splits, tmp_path_factory):
+def tuned(ray_cluster, small_splits, module_tmp):
     """A finished 2-trial tune run to point `ensemble` at."""
-    root = tmp_path_factory.mktemp("hard")
+    root = module_tmp
     request = TuneRequest(
         space=QUICK, trials=2, epochs=1, storage=str(root), name="r", limit_per_class=10
     )

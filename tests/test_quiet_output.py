@@ -26,8 +26,8 @@ HIDDEN = [
 
 
 @pytest.fixture(scope="module")
-def quiet_runs(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("quiet")
+def quiet_runs(module_tmp):
+    storage = module_tmp
     where = ("--storage", str(storage), "--name", "q")
     tuned = run_cli("tune", "--space", QUICK, "--trials", "3", *SMALL, *where)
     assert tuned.returncode == 0, tuned.stderr[-3000:]

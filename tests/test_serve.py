@@ -48,9 +48,9 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(module_tmp) -> Path:
     """Two members with uneven weights and a temperature, TenCrop, and a distilled student."""
-    root = write_run(tmp_path_factory.mktemp("served"), weights=[0.3, 0.7], tta="tencrop")
+    root = write_run(module_tmp, weights=[0.3, 0.7], tta="tencrop")
     write_run(root, weights=[1.0], tta="center", temperature=1.0, folder="distilled")
     return root
 

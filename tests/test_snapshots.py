@@ -100,13 +100,13 @@ def test_the_cli_flag_reaches_the_api(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def snapshot_run(ray_cluster, small_splits, tmp_path_factory):
+def snapshot_run(ray_cluster, small_splits, module_tmp):
     """One member of 2 epochs in 2 cycles, trained through `train_members` on Ray."""
     tiny = small_splits.limit_per_class(3)
     config = RecipeConfig(epochs=2, batch_size=8, warmup_epochs=0.5, mixup_alpha=0.4, seed=4)
     plain = MemberSpec(make_member_id(0, "t0", config), config, "t0", 1, "test")
     specs = with_snapshots([with_cycles(0, plain, 2)])
-    root = tmp_path_factory.mktemp("snap")
+    root = module_tmp
     options = TrainOptions(root=str(root))
     status = train_members(specs, tiny, options)
     return specs, tiny, root, options, status

@@ -22,13 +22,13 @@ def _copy(state):
 
 
 @pytest.fixture(scope="module")
-def swa_run(small_splits, tmp_path_factory):
+def swa_run(small_splits, module_tmp):
     """3 epochs, SWA over the last 2, Mean Teacher from epoch 1; every epoch's checkpoint."""
     tiny = small_splits.limit_per_class(3)
     config = RecipeConfig(
         epochs=3, swa_epochs=2, batch_size=8, mt_weight=1.0, mt_start_epoch=1, seed=2
     )
-    folder = tmp_path_factory.mktemp("swa")
+    folder = module_tmp
     states = {}
 
     def keep(metrics, state):

@@ -49,10 +49,10 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def tracked(ray_cluster, server, tmp_path_factory):
+def tracked(ray_cluster, server, module_tmp):
     """tune (2 trials of 2 epochs, none stopped), an ensemble of both (reused trials), and
     a 1-epoch student, each tracked; returns the run folder and a client of the server."""
-    root = tmp_path_factory.mktemp("tracked")
+    root = module_tmp
     track = {"track": "mlflow", "tracking_uri": server}
     tuned = ar_ray.tune(
         QUICK, trials=2, epochs=2, grace_period=2, limit_per_class=10, storage=str(root),
