@@ -26,7 +26,7 @@ from ar_ray.ensembling import EnsembleRequest, run_ensemble
 from ar_ray.leaderboard import load_tune_record
 from ar_ray.members import TrainOptions
 from ar_ray.recipe.augment import predict_probabilities
-from ar_ray.recipe.checkpoint import inference_model, load_checkpoint
+from ar_ray.recipe.checkpoint import CHECKPOINT_FILE, inference_model, load_checkpoint
 from ar_ray.recipe.distillation import EnsembleTeacher, kd_loss
 from ar_ray.recipe.models import ARNet
 from ar_ray.saved_ensemble import SavedEnsemble
@@ -223,7 +223,7 @@ def test_without_a_label_term_the_student_learns_from_the_teacher_only(ensembled
     plan = plan_distill(DistillRequest(run=str(ensembled), epochs=1, label_weight=0.0))
     states = []
     for name, data in (("labels", splits), ("shuffled", shuffled)):
-        local = train_student(
+        checkpoint = train_student(
             plan.name,
             plan.config,
             plan.saved,
@@ -233,7 +233,8 @@ def test_without_a_label_term_the_student_learns_from_the_teacher_only(ensembled
             label_weight=0.0,
             folder=str(tmp_path / name),
         )
-        states.append(load_checkpoint(local))
+        with checkpoint.as_directory() as trained:
+            states.append(load_checkpoint(Path(trained) / CHECKPOINT_FILE))
     first, second = (state["model"] for state in states)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
