@@ -12,6 +12,7 @@ does, samples the disk while it runs, and says:
 
     .venv/bin/python bench/suite_footprint.py                      # the whole suite, ~42 min
     .venv/bin/python bench/suite_footprint.py tests/test_distill.py   # one module
+    .venv/bin/python bench/suite_footprint.py --quick                 # smoke check: seconds
 
 Writes bench/results/suite_footprint.md (a partial run: bench/results/quick/).
 """
@@ -38,6 +39,7 @@ from ar_ray.outputs import atomic_write_text
 ROOT = Path(__file__).parent.parent
 SAMPLE_SECONDS = 10.0
 SLOWEST = 25
+QUICK_PATH = "tests/test_losses.py"  # seconds, no Ray
 SUMMARY = re.compile(r"\d+ (passed|failed|error)")  # pytest's last line
 
 
@@ -82,7 +84,10 @@ def slowest_tests(output: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", help="test paths (default: the whole suite)")
+    parser.add_argument("--quick", action="store_true", help=f"smoke check: {QUICK_PATH}")
     args = parser.parse_args()
+    if args.quick and not args.paths:
+        args.paths = [QUICK_PATH]
     tmp = Path(tempfile.gettempdir())
     pytest_root = tmp / f"pytest-of-{getpass.getuser()}"
     before = set(tmp.iterdir())
