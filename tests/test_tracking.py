@@ -165,8 +165,9 @@ def test_train_workers_reach_a_server_that_asks_for_a_password(ray_cluster, tmp_
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         assert password not in repr(open_experiment(uri, tuned.run))
         ar_ray.ensemble(tuned, members=1, epochs=1, retrain=True, track="mlflow", tracking_uri=uri)
-        (member,) = _runs(mlflow.MlflowClient(uri), Path(tuned.run), "member")
-        history = _history(mlflow.MlflowClient(uri), member.info.run_id, "val_top1")
+        client = mlflow.MlflowClient(uri)
+        (member,) = _runs(client, Path(tuned.run), "member")
+        history = _history(client, member.info.run_id, "val_top1")
     epochs = _csv(tmp_path / "a" / "members" / member.info.run_name / "metrics.csv")
     assert history == pytest.approx(dict(zip(epochs["epoch"], epochs["val_top1"], strict=True)))
 

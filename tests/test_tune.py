@@ -160,10 +160,6 @@ def test_a_searched_mean_teacher_key_that_never_acts_is_refused(lines, fragment)
     assert fragment in str(error.value)
 
 
-def _terminated_trials(experiment: Path) -> set[str]:
-    return _trials(experiment, "TERMINATED")
-
-
 def _trials(experiment: Path, status: str) -> set[str]:
     """The trials the experiment's last saved state (what a resume restores) has in `status`."""
     states = sorted(experiment.glob("experiment_state-*.json"))
@@ -239,12 +235,12 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path,
     while time.monotonic() < deadline:
         assert driver.poll() is None, "driver ended before it could be killed"
         running = _trials(experiment, "RUNNING")
-        if _terminated_trials(experiment) and running & _running_trial_runs(
+        if _trials(experiment, "TERMINATED") and running & _running_trial_runs(
             mlflow_uri, str(tmp_path / "k")
         ):
             break
         time.sleep(0.5)
-    finished = _terminated_trials(experiment)
+    finished = _trials(experiment, "TERMINATED")
     assert finished and running, "no trial finished while another ran, in time"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -273,7 +269,7 @@ def test_resume_after_killed_driver_keeps_finished_trials(ray_cluster, tmp_path,
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
-    (found,) = [e for e in client.search_experiments() if e.name == str(tmp_path / "k")]
+    found = client.get_experiment_by_name(str(tmp_path / "k"))
     runs = client.search_runs([found.experiment_id], "tags.`ar_ray.kind` = 'trial'")
     by_name = {run.info.run_name.split("/")[-1]: run for run in runs}
     assert sorted(by_name) == sorted(board["trial_id"]) and len(runs) == 4
